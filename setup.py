@@ -1,0 +1,121 @@
+"""Builds dinv._C: the C++ kernels (CPU, OpenMP) always, the CUDA kernels too when both a CUDA
+toolkit and a CUDA build of torch are present.
+
+Environment knobs:
+  DINV_BUILD_CUDA=0|1   force the CUDA part off (0) or require it (1); default: auto.
+  CUDA_HOME             toolkit root; default: found behind the real nvcc (see find_cuda_home).
+  TORCH_CUDA_ARCH_LIST  default when no GPU is visible: DEFAULT_CUDA_ARCHS.
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+# Volta is gone from CUDA 13; Ampere (8.0), Ada (8.9) and Hopper (9.0) cover the cards people run
+# this on, and the PTX of 9.0 lets newer cards JIT.
+DEFAULT_CUDA_ARCHS = "8.0;8.9;9.0+PTX"
+
+
+def find_cuda_home():
+    """The toolkit root (the folder holding bin/nvcc and include/cuda_runtime.h).
+
+    The nvcc on PATH may be a wrapper script (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`), in which
+    case its parent's parent is not the toolkit: follow symlinks, then look inside scripts."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(real)
+        try:
+            with open(real, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                candidates += re.findall(r"(/[^\s\"']*/bin/nvcc)\b", head.decode(errors="ignore"))
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True)
+    for path in candidates:
+        root = os.path.dirname(os.path.dirname(os.path.realpath(path)))
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+def pip_cuda_include_dirs():
+    """Headers of pip's nvidia-* CUDA 13 wheels (the CUDA build of torch is linked against them)."""
+    dirs = []
+    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        dirs += glob.glob(os.path.join(base, "nvidia", "cu13", "include"))
+    return dirs
+
+
+def extension():
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+    import torch
+    from torch.utils import cpp_extension
+
+    if cuda_home:
+        cpp_extension.CUDA_HOME = cuda_home
+
+    want = os.environ.get("DINV_BUILD_CUDA", "auto")
+    why_not = None
+    if want == "0":
+        why_not = "DINV_BUILD_CUDA=0"
+    elif torch.version.cuda is None:
+        why_not = f"torch {torch.__version__} is a CPU build"
+    elif cuda_home is None:
+        why_not = "no CUDA toolkit found (set CUDA_HOME)"
+    use_cuda = why_not is None
+    if want == "1" and not use_cuda:
+        sys.exit(f"dinv: DINV_BUILD_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
+    if use_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        print(f"dinv: building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "
+              f"archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPUs')})")
+    else:
+        print(f"dinv: building the CPU kernels only: {why_not}")
+
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    openmp = ["-fopenmp"] if sys.platform != "darwin" else []
+    cxx_flags = ["-O3", "-std=c++17"] + openmp
+    macros = [("Py_LIMITED_API", "0x03090000")]
+    kwargs = dict(
+        name="dinv._C",
+        include_dirs=[os.path.abspath("csrc")],
+        extra_link_args=openmp,
+        define_macros=macros,
+        py_limited_api=True,
+    )
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["include_dirs"] += pip_cuda_include_dirs()
+        kwargs["define_macros"] = macros + [("DINV_WITH_CUDA", None)]
+        kwargs["extra_compile_args"] = {
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+        }
+        return cpp_extension.CUDAExtension(sources=sources, **kwargs), cpp_extension
+    kwargs["extra_compile_args"] = {"cxx": cxx_flags}
+    return cpp_extension.CppExtension(sources=sources, **kwargs), cpp_extension
+
+
+ext, cpp_extension = extension()
+
+setup(
+    packages=find_packages(include=["dinv", "dinv.*"]) + ["dinv.kernels"],
+    package_dir={"dinv.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
