@@ -1,0 +1,118 @@
+"""Fake (meta) kernels and autograd for the primitive ops of a native namespace.
+
+Both native backends expose the primitives of docs/kernels.md as torch ops: the C++ extension
+as `torch.ops.dinv.*`, the Triton kernels as `torch.ops.dinv_triton.*`. Registering the shapes
+(fake kernels) and the backward formulas once here, for either namespace, is what lets autograd
+and torch.compile treat them like any aten op.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every reduction: fp64 stays fp64, everything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _stats_fake(x):
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+
+
+def _rows_fake(student_logits, teacher_logits, T):
+    return student_logits.new_empty(student_logits.shape[0], dtype=acc_dtype(student_logits.dtype))
+
+
+def _rows_backward_fake(grad_rows, student_logits, teacher_logits, T):
+    return torch.empty_like(student_logits), torch.empty_like(teacher_logits)
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad.to(like.dtype)
+
+
+def register(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
+    lib = f"{ns}::"
+
+    # -- channel statistics -------------------------------------------------------------------
+    torch.library.register_fake(lib + "channel_stats")(_stats_fake)
+
+    @torch.library.register_fake(lib + "channel_stats_backward")
+    def _(x, mean, grad_mean, grad_var):
+        return torch.empty_like(x)
+
+    def stats_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[0])
+
+    def stats_backward(ctx, grad_mean, grad_var):
+        x, mean = ctx.saved_tensors
+        dx = ops.channel_stats_backward(
+            x, mean, _zeros_if_none(grad_mean, mean), _zeros_if_none(grad_var, mean))
+        return dx
+
+    torch.library.register_autograd(lib + "channel_stats", stats_backward,
+                                    setup_context=stats_setup)
+
+    # -- fused BatchNorm + statistics -----------------------------------------------------------
+    @torch.library.register_fake(lib + "bn_stats_forward")
+    def _(x, weight, bias, running_mean, running_var, eps):
+        return (torch.empty_like(x),) + _stats_fake(x)
+
+    @torch.library.register_fake(lib + "bn_stats_backward")
+    def _(grad_y, x, mean, grad_mean, grad_var, weight, running_var, eps):
+        return torch.empty_like(x)
+
+    def bn_setup(ctx, inputs, output):
+        x, weight, _, _, running_var, eps = inputs
+        ctx.eps = eps
+        ctx.save_for_backward(x, output[1], weight, running_var)
+
+    def bn_backward(ctx, grad_y, grad_mean, grad_var):
+        x, mean, weight, running_var = ctx.saved_tensors
+        dx = ops.bn_stats_backward(
+            _zeros_if_none(grad_y, x), x, mean, _zeros_if_none(grad_mean, mean),
+            _zeros_if_none(grad_var, mean), weight, running_var, ctx.eps)
+        # The teacher's BN parameters and running statistics are frozen: no gradient.
+        return dx, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "bn_stats_forward", bn_backward, setup_context=bn_setup)
+
+    # -- total variation ------------------------------------------------------------------------
+    @torch.library.register_fake(lib + "tv_sums")
+    def _(x, power):
+        return x.new_empty(4, dtype=acc_dtype(x.dtype))
+
+    @torch.library.register_fake(lib + "tv_backward")
+    def _(x, coef, power):
+        return torch.empty_like(x)
+
+    def tv_setup(ctx, inputs, output):
+        ctx.power = inputs[1]
+        ctx.save_for_backward(inputs[0])
+
+    def tv_backward(ctx, grad_sums):
+        (x,) = ctx.saved_tensors
+        # d(Σ d²)/dd = 2d and d(Σ|d|)/dd = sign(d): the kernel's coefficient is grad * power.
+        return ops.tv_backward(x, grad_sums * ctx.power, ctx.power), None
+
+    torch.library.register_autograd(lib + "tv_sums", tv_backward, setup_context=tv_setup)
+
+    # -- per-row JS competition and KD ----------------------------------------------------------
+    for rows, rows_backward in (("js_rows", "js_rows_backward"), ("kd_rows", "kd_rows_backward")):
+        torch.library.register_fake(lib + rows)(_rows_fake)
+        torch.library.register_fake(lib + rows_backward)(_rows_backward_fake)
+        backward_op = getattr(ops, rows_backward)
+
+        def rows_setup(ctx, inputs, output):
+            ctx.T = inputs[2]
+            ctx.save_for_backward(inputs[0], inputs[1])
+
+        def rows_grad(ctx, grad_rows, backward_op=backward_op):
+            student_logits, teacher_logits = ctx.saved_tensors
+            ds, dt = backward_op(grad_rows.contiguous(), student_logits, teacher_logits, ctx.T)
+            return ds, dt, None
+
+        torch.library.register_autograd(lib + rows, rows_grad, setup_context=rows_setup)

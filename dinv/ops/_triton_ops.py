@@ -1,0 +1,55 @@
+"""The Triton kernels (dinv.kernels) as torch ops in the namespace `dinv_triton`.
+
+Same schemas as the C++ library (csrc/ops.cpp; a test keeps the two in sync), so the fake kernels
+and autograd of `_native.register` serve both, and torch.compile sees opaque ops with known
+shapes instead of tracing into Triton launch code.
+"""
+from __future__ import annotations
+
+import torch
+
+SCHEMAS = {
+    "channel_stats": "(Tensor x) -> (Tensor, Tensor)",
+    "channel_stats_backward": "(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor",
+    "bn_stats_forward": "(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, "
+                        "Tensor running_var, float eps) -> (Tensor, Tensor, Tensor)",
+    "bn_stats_backward": "(Tensor grad_y, Tensor x, Tensor mean, Tensor grad_mean, "
+                         "Tensor grad_var, Tensor? weight, Tensor running_var, float eps) -> Tensor",
+    "tv_sums": "(Tensor x, int power) -> Tensor",
+    "tv_backward": "(Tensor x, Tensor coef, int power) -> Tensor",
+    "js_rows": "(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
+    "js_rows_backward": "(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, "
+                        "float T) -> (Tensor, Tensor)",
+    "kd_rows": "(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
+    "kd_rows_backward": "(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, "
+                        "float T) -> (Tensor, Tensor)",
+}
+_MODULE_OF = {
+    "channel_stats": "bn_stat", "channel_stats_backward": "bn_stat",
+    "bn_stats_forward": "bn_stat", "bn_stats_backward": "bn_stat",
+    "tv_sums": "tv", "tv_backward": "tv",
+    "js_rows": "js", "js_rows_backward": "js",
+    "kd_rows": "kd", "kd_rows_backward": "kd",
+}
+
+_library = None
+
+
+def register() -> None:
+    global _library
+    if _library is not None:
+        return
+    import importlib
+
+    from . import _native
+
+    library = torch.library.Library("dinv_triton", "DEF")
+    for name, schema in SCHEMAS.items():
+        library.define(name + schema)
+        kernel = getattr(importlib.import_module(f"dinv.kernels.{_MODULE_OF[name]}"), name)
+        # CPU only matters under TRITON_INTERPRET=1; the dispatcher never sends CPU tensors here
+        # otherwise.
+        library.impl(name, kernel, "CUDA")
+        library.impl(name, kernel, "CPU")
+    _library = library
+    _native.register("dinv_triton")

@@ -1,0 +1,181 @@
+"""Every native backend against the pure-torch reference: forward values and input gradients, for
+fp32/fp16/bf16, contiguous and channels_last, odd shapes. Truth is the reference evaluated in
+fp64 on the same (already rounded) inputs; see `assert_no_worse_than_reference` for the rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinv import ops
+
+from ._helpers import DTYPES, assert_no_worse_than_reference, backend_params
+
+STAT_SHAPES = [(4, 3, 8, 8), (1, 1, 1, 1), (2, 1, 5, 5), (1, 3, 1, 1), (3, 5, 13, 17),
+               (2, 2048, 2, 2), (2, 16, 7, 7), (8, 10), (4, 6, 9)]
+TV_SHAPES = [(2, 3, 8, 8), (1, 1, 1, 1), (1, 2, 1, 5), (1, 2, 5, 1), (2, 3, 13, 17), (1, 3, 7, 7)]
+LOGIT_SHAPES = [(4, 10), (1, 1), (3, 1000), (2, 5000)]
+# The Triton interpreter runs kernels in numpy, program by program: keep its inputs small.
+SMALL = {"triton": lambda shape: torch.Size(shape).numel() <= 20000}
+
+
+def _inputs(shape, dtype, layout, seed, offset=0.5):
+    g = torch.Generator().manual_seed(seed)
+    # An offset mean makes the shifted/Welford statistics matter (naive E[x²]−E[x]² would lose).
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + offset).to(dtype)
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+def _check(backend, fn, inputs, differentiable):
+    """fn(*inputs) under `backend` vs reference vs fp64 truth; grads w.r.t. `differentiable`."""
+    def run(name, tensors):
+        with ops.use_backend(name):
+            args = [t if i in differentiable else (t.detach() if t is not None else None)
+                    for i, t in enumerate(tensors)]
+            wrapped = [a.detach().clone().requires_grad_(True) if i in differentiable else a
+                       for i, a in enumerate(args)]
+            out = fn(*wrapped)
+            outs = out if isinstance(out, tuple) else (out,)
+            g = torch.Generator().manual_seed(7)
+            total = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)
+                         .to(o.device)).sum() for o in outs)
+            grads = torch.autograd.grad(total, [wrapped[i] for i in differentiable])
+            return tuple(o.detach() for o in outs), grads
+
+    value = run(backend, inputs)
+    reference = run("reference", inputs)
+    truth = run("reference", [t.double() if t is not None else None for t in inputs])
+    for part in (0, 1):  # forward outputs, then input gradients
+        assert_no_worse_than_reference(value[part], reference[part], truth[part], rtol=2e-5)
+    for g in value[1]:
+        assert g.dtype == inputs[differentiable[0]].dtype
+
+
+def _skip_big(backend, shape):
+    if backend in SMALL and not SMALL[backend](shape):
+        pytest.skip(f"{backend} interpreter: shape {shape} too large for CPU tests")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", STAT_SHAPES, ids=str)
+def test_bn_stat_loss(backend, dtype, layout, shape):
+    _skip_big(backend, shape)
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last is 4-D")
+    x = _inputs(shape, dtype, layout, seed=sum(shape))
+    c = shape[1]
+    rm, rv = torch.randn(c) * 0.3, torch.rand(c) + 0.5
+    _check(backend, lambda x, rm, rv: ops.bn_stat_loss(x, rm, rv), [x, rm, rv], [0])
+    _check(backend, ops.channel_stats, [x], [0])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (1, 1, 1, 1), (3, 5, 13, 17), (2, 64, 7, 7),
+                                   (8, 10)], ids=str)
+def test_bn_inversion(backend, dtype, layout, affine, shape):
+    _skip_big(backend, shape)
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last is 4-D")
+    x = _inputs(shape, dtype, layout, seed=3)
+    c = shape[1]
+    w, b = (torch.randn(c), torch.randn(c)) if affine else (None, None)
+    rm, rv = torch.randn(c) * 0.3, torch.rand(c) + 0.5
+    _check(backend, lambda x: ops.bn_inversion(x, w, b, rm, rv, 1e-5), [x], [0])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+@pytest.mark.parametrize("shape", TV_SHAPES, ids=str)
+def test_tv_loss(backend, dtype, layout, kind, shape):
+    x = _inputs(shape, dtype, layout, seed=11)
+    _check(backend, lambda x: ops.tv_loss(x, kind), [x], [0])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LOGIT_SHAPES, ids=str)
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_js_competition(backend, dtype, shape, T):
+    s = _inputs(shape, dtype, "contiguous", seed=5, offset=0.0) * 2
+    t = _inputs(shape, dtype, "contiguous", seed=6, offset=0.0) * 2
+    _check(backend, lambda s, t: ops.js_competition(s, t, T=T), [s, t], [0, 1])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LOGIT_SHAPES, ids=str)
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_kd_loss(backend, dtype, shape, T):
+    s = _inputs(shape, dtype, "contiguous", seed=8, offset=0.0) * 3
+    t = _inputs(shape, dtype, "contiguous", seed=9, offset=0.0) * 3
+    _check(backend, lambda s, t: ops.kd_loss(s, t, T=T), [s, t], [0, 1])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_js_detach_student_gives_no_student_gradient(backend):
+    s = torch.randn(4, 10, requires_grad=True)
+    t = torch.randn(4, 10, requires_grad=True)
+    with ops.use_backend(backend):
+        ops.js_competition(s, t, detach_student=True).backward()
+    assert s.grad is None and t.grad is not None and t.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_stat_loss_gradient_is_zero_not_nan_at_exact_match(backend):
+    x = _inputs((4, 3, 5, 5), torch.float32, "contiguous", seed=1)
+    mean, var = ops.channel_stats_reference(x)
+    x.requires_grad_(True)
+    with ops.use_backend(backend):
+        loss = ops.bn_stat_loss(x, mean, var)
+        (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(grad).all()
+    assert loss.item() < 1e-5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_tv_gradient_finite_on_constant_image(backend):
+    x = torch.ones(2, 3, 6, 6, requires_grad=True)
+    with ops.use_backend(backend):
+        (grad,) = torch.autograd.grad(ops.tv_loss(x, "l2") + ops.tv_loss(x, "l1"), x)
+    assert torch.isfinite(grad).all() and grad.abs().max() == 0
+
+
+# -- on a GPU: the same parity for the CUDA kernels and Triton --------------------------------
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", STAT_SHAPES + [(64, 256, 56, 56)], ids=str)
+def test_bn_stat_loss_cuda(backend, dtype, layout, shape):
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last is 4-D")
+    x = _inputs(shape, dtype, layout, seed=2).cuda()
+    rm, rv = torch.randn(shape[1]).cuda() * 0.3, torch.rand(shape[1]).cuda() + 0.5
+    _check(backend, lambda x, rm, rv: ops.bn_stat_loss(x, rm, rv), [x, rm, rv], [0])
+    _check(backend, lambda x: ops.bn_inversion(x, rm * 0 + 1, rm, rm, rv, 1e-5), [x], [0])
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", TV_SHAPES + [(64, 3, 224, 224)], ids=str)
+def test_tv_cuda(backend, dtype, shape):
+    x = _inputs(shape, dtype, "contiguous", seed=2).cuda()
+    for kind in ("l1", "l2"):
+        _check(backend, lambda x: ops.tv_loss(x, kind), [x], [0])
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LOGIT_SHAPES + [(256, 1000)], ids=str)
+def test_rows_cuda(backend, dtype, shape):
+    s = _inputs(shape, dtype, "contiguous", seed=5, offset=0.0).cuda() * 2
+    t = _inputs(shape, dtype, "contiguous", seed=6, offset=0.0).cuda() * 2
+    _check(backend, lambda s, t: ops.js_competition(s, t), [s, t], [0, 1])
+    _check(backend, lambda s, t: ops.kd_loss(s, t), [s, t], [0, 1])
