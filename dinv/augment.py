@@ -1,5 +1,10 @@
 """The random jitter (circular shift) and horizontal flip DeepInversion applies to the images at
-every iteration, drawn from a private RNG so a seed reproduces the whole run."""
+every iteration, drawn from a private RNG so a seed reproduces the whole run.
+
+The shift and flip are applied as index math: one gather along H and one along W with index
+vectors built from the draw, instead of roll's slice-and-concatenate per dimension plus a flip
+copy. The index vectors are tensors, so a compiled iteration takes them as inputs and does not
+recompile for every new shift."""
 from __future__ import annotations
 
 import random
@@ -23,9 +28,15 @@ class JitterFlip:
         return dy, dx, flip and self.flip
 
 
-def jitter_flip(x: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
-    if dy or dx:
-        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+def jitter_flip_indices(height: int, width: int, dy: int, dx: int, flip: bool, device=None):
+    """Source rows and columns of `torch.flip(torch.roll(x, (dy, dx), (2, 3)), (3,))` (flip
+    optional): out[..., i, j] = x[..., rows[i], cols[j]]."""
+    rows = (torch.arange(height, device=device) - dy) % height
+    cols = torch.arange(width, device=device)
     if flip:
-        x = torch.flip(x, dims=(3,))
-    return x
+        cols = cols.flip(0)
+    return rows, (cols - dx) % width
+
+
+def gather_hw(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return x.index_select(2, rows).index_select(3, cols)

@@ -9,6 +9,8 @@
 Differences from the reference, all fixes: any batch size and target list (no multiple of 42),
 CPU or CUDA, fp16 via torch.autocast (bf16 on CPU) instead of apex, the best image per target
 is really kept, hooks are removed after every batch, and `generate_batch` returns the images.
+`parameters` may also hold "iterations" (an int total or one count per stage) to override the
+setting's iteration counts.
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ def init_reference(inv, teacher=None, setting_id=0, jitter=30, criterion=None, *
     inv.final_data_path = kwargs.get("final_data_path", "/gen_images_final/")
     inv.hook_for_display = kwargs.get("hook_for_display")
     inv.num_generations = 0
+    # A dinv extension of `parameters`: override the setting's iteration counts.
+    inv.reference_iterations = parameters.get("iterations")
     os.makedirs(os.path.join(inv.prefix, "best_images"), exist_ok=True)
     os.makedirs(inv.final_data_path, exist_ok=True)
 
@@ -92,7 +96,8 @@ def generate_batch(inv, net_student=None, targets=None) -> torch.Tensor:
         if inv.hook_for_display is not None:
             inv.hook_for_display(images, targets.to(images.device))
 
-    images = inv.invert(targets, student=net_student, callback=every_save)
+    images = inv.invert(targets, iterations=inv.reference_iterations, student=net_student,
+                        callback=every_save)
     if inv.store_best_images:
         save_per_class(images, targets, inv.final_data_path, inv.num_generations, inv.mean,
                        inv.std)

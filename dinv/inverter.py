@@ -7,6 +7,7 @@ reference's `DeepInversionClass(**kwargs).generate_batch(...)` works unchanged o
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .augment import JitterFlip, jitter_flip
+from .augment import JitterFlip, gather_hw, jitter_flip_indices
 from .hooks import BNStatistics
 from .imaging import IMAGENET_MEAN, IMAGENET_STD, pixel_bounds
 
@@ -143,7 +144,8 @@ class Inverter:
                  setting_id: int = 0, jitter: int = 30, flip: bool = True, clip: bool | None = None,
                  detach_student: bool = False, adi_temperature: float = 3.0,
                  criterion=None, output_function=None, amp_dtype: torch.dtype | None = None,
-                 fused_bn: bool | None = None, log_every: int = 100, **reference_kwargs):
+                 fused_bn: bool | None = None, channels_last: bool = False,
+                 compile: bool | str = False, log_every: int = 100, **reference_kwargs):
         from . import compat
 
         if reference_kwargs:
@@ -179,6 +181,11 @@ class Inverter:
         self.fused_bn = (ops.select(torch.empty(0, device=self.device)) != "reference"
                          if fused_bn is None else fused_bn)
         self.statistics = BNStatistics(teacher, fused=self.fused_bn)
+        self.channels_last = channels_last
+        # compile: False, True (torch.compile's default mode) or a mode name such as
+        # "max-autotune-no-cudagraphs" / "reduce-overhead" (CUDA graphs).
+        self.compile_mode = compile
+        self._compiled = {}
         self.log = LossLog()
         self._closed = False
 
@@ -242,6 +249,7 @@ class Inverter:
             raise RuntimeError("this Inverter was closed")
         targets = self._check_targets(targets)
         c = self.coefficients
+        self._probe(targets, student)
         if c.adi_scale and student is None:
             raise ValueError("adi_scale > 0 needs a student (invert(..., student=model))")
         generator = torch.Generator(device=self.device)
@@ -278,8 +286,11 @@ class Inverter:
                         iteration += 1
                         for group in optimizer.param_groups:
                             group["lr"] = cosine_lr(c.lr, local, n_iter)
-                        loss, per_image, terms = self._loss(images, factor, targets, student,
-                                                            jitter, iteration == 1)
+                        dy, dx, flip = jitter.draw()
+                        rows, cols = jitter_flip_indices(
+                            shape[2] // factor, shape[3] // factor, dy, dx, flip, self.device)
+                        loss, per_image, terms = self._loss_fn(factor)(images, rows, cols,
+                                                                       targets, student)
                         improved = per_image < best_cost
                         best_cost = torch.where(improved, per_image, best_cost)
                         best = torch.where(improved.view(-1, 1, 1, 1), images.detach(), best)
@@ -309,19 +320,47 @@ class Inverter:
                 bar.close()
         return best
 
-    def _loss(self, images, factor, targets, student, jitter, check_classes):
+    def _probe(self, targets, student) -> None:
+        """One forward of noise before optimizing, to fail early and clearly on an image shape
+        the teacher cannot take or targets beyond its outputs."""
+        x = torch.zeros((2,) + self.image_shape, device=self.device)
+        try:
+            with torch.no_grad(), frozen(self.teacher, student):
+                logits = self._logits(self.teacher, x)
+                if student is not None:
+                    self._logits(student, x)
+        except RuntimeError as error:
+            raise ValueError(f"the teacher (or student) cannot take images of shape "
+                             f"{self.image_shape}: {error}") from error
+        if logits.dim() != 2:
+            raise ValueError(f"the teacher's output has shape {tuple(logits.shape)}; expected "
+                             "class logits [N, classes] (use output_function to extract them)")
+        if targets.max() >= logits.shape[1]:
+            raise ValueError(f"targets go up to {targets.max().item()} but the teacher has "
+                             f"{logits.shape[1]} outputs")
+
+    def _loss_fn(self, factor: int):
+        if not self.compile_mode:
+            return functools.partial(self._loss, factor=factor)
+        if factor not in self._compiled:
+            mode = None if self.compile_mode is True else self.compile_mode
+            self._compiled[factor] = torch.compile(
+                functools.partial(self._loss, factor=factor), mode=mode)
+        return self._compiled[factor]
+
+    def _loss(self, images, rows, cols, targets, student, factor):
+        """The DeepInversion objective of one jittered view; returns (loss, per-image cost for
+        keeping the best images, detached terms for logging)."""
         c = self.coefficients
         x = F.avg_pool2d(images, factor) if factor > 1 else images
-        dy, dx, flip = jitter.draw()
-        x = jitter_flip(x, dy, dx, flip)
+        x = gather_hw(x, rows, cols)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             logits = self._logits(self.teacher, x)
             layer = self.statistics.layer_losses()
             student_logits = self._logits(student, x) if c.adi_scale else None
         logits = logits.float()
-        if check_classes and targets.max() >= logits.shape[1]:
-            raise ValueError(f"targets go up to {targets.max().item()} but the teacher has "
-                             f"{logits.shape[1]} outputs")
         main = self.criterion(logits, targets)
         weights = torch.ones_like(layer)
         weights[0] = c.first_bn_multiplier

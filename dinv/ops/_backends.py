@@ -10,7 +10,6 @@ cannot take a call raises with the reason instead of falling back.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
 import threading
@@ -22,15 +21,23 @@ _CPP_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _override = threading.local()
+# Load results, filled on first use. Plain dict lookups (not functools caches or imports) so that
+# torch.compile traces through dispatch without a graph break once a backend has been loaded.
+_loaded: dict = {}
 
 
 class BackendUnavailable(RuntimeError):
     """A forced backend cannot run this call."""
 
 
-@functools.lru_cache(maxsize=None)
 def _load_cpp():
     """Imports dinv._C (registers torch.ops.dinv.*). Returns (loaded, reason_if_not)."""
+    if "cpp" not in _loaded:
+        _loaded["cpp"] = _import_cpp()
+    return _loaded["cpp"]
+
+
+def _import_cpp():
     try:
         importlib.import_module("dinv._C")
     except Exception as e:  # noqa: BLE001 - any load failure means "not available", with reason
@@ -41,14 +48,20 @@ def _load_cpp():
     return True, None
 
 
-@functools.lru_cache(maxsize=None)
 def cpp_has_cuda() -> bool:
-    return _load_cpp()[0] and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "dinv::channel_stats", "CUDA")
+    if "cpp_cuda" not in _loaded:
+        _loaded["cpp_cuda"] = _load_cpp()[0] and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "dinv::channel_stats", "CUDA")
+    return _loaded["cpp_cuda"]
 
 
-@functools.lru_cache(maxsize=None)
 def _load_triton():
+    if "triton" not in _loaded:
+        _loaded["triton"] = _import_triton()
+    return _loaded["triton"]
+
+
+def _import_triton():
     try:
         import triton  # noqa: F401
     except Exception as e:  # noqa: BLE001
