@@ -88,21 +88,20 @@ def extension():
 
     sources = sorted(glob.glob("csrc/*.cpp"))
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
-    cxx_flags = ["-O3", "-std=c++17"] + openmp
-    macros = [("Py_LIMITED_API", "0x03090000")]
+    # No -std: BuildExtension adds the standard the installed torch needs (C++20 for 2.14).
+    cxx_flags = ["-O3"] + openmp
     kwargs = dict(
         name="dinv._C",
         include_dirs=[os.path.abspath("csrc")],
         extra_link_args=openmp,
-        define_macros=macros,
-        py_limited_api=True,
+        py_limited_api=True,  # BuildExtension then defines Py_LIMITED_API
     )
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["include_dirs"] += pip_cuda_include_dirs()
         kwargs["extra_compile_args"] = {
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+            "nvcc": ["-O3", "-lineinfo"],
         }
         return cpp_extension.CUDAExtension(sources=sources, **kwargs), cpp_extension
     kwargs["extra_compile_args"] = {"cxx": cxx_flags}

@@ -26,7 +26,7 @@ def tv_loss_reference(x: torch.Tensor, kind: str = "l2") -> torch.Tensor:
     """The reference formula in the acc dtype; an empty difference (H or W = 1) counts 0."""
     _check(x, kind)
     xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    total = xf.new_zeros(())
+    total = (xf * 0).sum()  # connected to x, so an all-empty TV still has a (zero) gradient
     for d in tv_differences(xf):
         if d.numel() == 0:
             continue
@@ -52,8 +52,9 @@ def tv_loss(x: torch.Tensor, kind: str = "l2") -> torch.Tensor:
         return tv_loss_reference(x, kind)
     power = 2 if kind == "l2" else 1
     sums = _backends.primitives(backend).tv_sums(x, power)
+    counts = difference_counts(x)
+    present = [k for k, count in enumerate(counts) if count > 0]  # H or W == 1 empties some
     if kind == "l2":
-        return torch.sqrt(sums.clamp_min(NORM_EPS * NORM_EPS)).sum()
-    counts = torch.tensor([max(c, 1) for c in difference_counts(x)], dtype=sums.dtype,
-                          device=sums.device)
-    return (sums / counts).sum()
+        return torch.sqrt(sums[present].clamp_min(NORM_EPS * NORM_EPS)).sum()
+    divisors = torch.tensor([counts[k] for k in present], dtype=sums.dtype, device=sums.device)
+    return (sums[present] / divisors).sum()

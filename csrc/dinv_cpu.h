@@ -1,0 +1,228 @@
+// Helpers shared by the CPU kernels (csrc/*.cpp): dtype mapping, argument checks, Welford/Chan
+// statistics and the [N, C, S] view of a channel-first tensor. The math is in docs/kernels.md.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorUtils.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+namespace dinv::cpu {
+
+// Accumulation ("acc") type: fp32 for fp16/bf16/fp32, fp64 for fp64.
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
+inline at::ScalarType acc_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Work is cut into pieces of about this many elements, a size at which the per-piece
+// bookkeeping is negligible and that still spreads small tensors over the threads.
+constexpr int64_t kElementsPerPiece = 1 << 15;
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Grain (in work items) for at::parallel_for so that each thread gets at least about
+// kElementsPerPiece elements: below that, waking threads costs more than it saves.
+inline int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kElementsPerPiece / std::max<int64_t>(1, elements_per_item));
+}
+
+inline void check_floating_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "dinv: ", name, " must be a CPU tensor, got ", t.device());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "dinv: ", name, " must be float64, float32, float16 or bfloat16, got ", dtype);
+}
+
+// A per-channel [C] vector (statistics, BN parameters) as a contiguous acc-dtype tensor.
+inline at::Tensor channel_vector(const at::Tensor& t, int64_t channels, at::ScalarType acc,
+                                 const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "dinv: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_floating_point(), "dinv: ", name, " must be floating point, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, "dinv: ", name, " must have shape [",
+              channels, "], got ", t.sizes());
+  return t.to(acc).contiguous();
+}
+
+// term(0) + ... + term(n-1) over kLanes independent partial sums, added pairwise at the end.
+// The compiler vectorizes the lanes into several accumulator registers, so the loop is not bound
+// by the latency of one chain of additions, and the rounding error grows like n/kLanes, not n.
+template <typename acc, typename Term>
+acc lane_sum(int64_t n, const Term& term) {
+  constexpr int64_t kLanes = 16;
+  acc lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) lanes[lane] += term(i + lane);
+  }
+  for (int64_t lane = 0; i < n; ++i, ++lane) lanes[lane] += term(i);
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
+  }
+  return lanes[0];
+}
+
+// Running statistics of a set of values: how many, their mean and the sum of squared
+// deviations from that mean (M2).
+template <typename acc>
+struct MeanM2 {
+  int64_t count = 0;
+  acc mean = 0;
+  acc m2 = 0;
+};
+
+// Chan et al.'s pairwise combination of two disjoint sets' statistics.
+template <typename acc>
+MeanM2<acc> chan_merge(const MeanM2<acc>& a, const MeanM2<acc>& b) {
+  if (a.count == 0) return b;
+  if (b.count == 0) return a;
+  const int64_t count = a.count + b.count;
+  const acc b_fraction = static_cast<acc>(b.count) / static_cast<acc>(count);
+  const acc delta = b.mean - a.mean;
+  return {count, a.mean + delta * b_fraction,
+          a.m2 + b.m2 + delta * delta * static_cast<acc>(a.count) * b_fraction};
+}
+
+// Merges part(0) .. part(count-1) as a balanced tree, so rounding grows with log(count)
+// rather than count.
+template <typename acc, typename Part>
+MeanM2<acc> merge_tree(int64_t begin, int64_t end, const Part& part) {
+  if (end - begin == 1) return part(begin);
+  const int64_t mid = begin + (end - begin) / 2;
+  return chan_merge(merge_tree<acc>(begin, mid, part), merge_tree<acc>(mid, end, part));
+}
+
+// A channel-first tensor seen as [N, C, S] (S = product of the dims after the channel dim),
+// with element (n, c, s) at data + n*sN + c*sC + s*sS. When S == 1 the batch dim is moved into
+// S (N = 1, S = batch): a [B, C] input then has one "spatial" row per sample, which the kernels
+// treat like a channels_last image.
+struct NcsLayout {
+  int64_t N, C, S;
+  int64_t sN, sC, sS;
+  int64_t numel() const { return N * C * S; }
+};
+
+inline void check_channel_first(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() >= 2, "dinv: ", name, " must have at least 2 dims [N, C, ...], got ",
+              x.sizes());
+}
+
+// The [N, C, S] layout of t, or nothing when its strides cannot express it (dims after the
+// channel dim that do not collapse into one, e.g. a transposed H and W).
+inline std::optional<NcsLayout> ncs_layout(const at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1);
+  int64_t S = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) S *= t.size(d);
+  if (S == 1) return NcsLayout{1, C, N, 0, t.stride(1), t.stride(0)};
+  const auto strides = at::detail::computeStride(t.sizes(), t.strides(), at::DimVector{N, C, S});
+  if (!strides) return std::nullopt;
+  return NcsLayout{N, C, S, (*strides)[0], (*strides)[1], (*strides)[2]};
+}
+
+// x in a layout that has an [N, C, S] view (x itself unless its strides have none).
+inline at::Tensor ncs_readable(const at::Tensor& x) {
+  return ncs_layout(x) ? x : x.contiguous();
+}
+
+// The output of an elementwise op "like x" (at::empty_like(x): same shape, dtype and, for
+// dense x, strides), together with an input that has exactly the output's strides, so that one
+// [N, C, S] layout indexes both. When the output's strides have no [N, C, S] view the kernel
+// writes a contiguous buffer that finish() copies into the output.
+class NcsLikeOutput {
+ public:
+  explicit NcsLikeOutput(const at::Tensor& x) : result_(at::empty_like(x)) {
+    if (ncs_layout(result_)) {
+      target_ = result_;
+      input_ = x.strides() == result_.strides() ? x : at::empty_like(result_).copy_(x);
+    } else {
+      input_ = x.contiguous();
+      target_ = at::empty_like(input_);
+    }
+    layout_ = *ncs_layout(target_);
+  }
+  // x with the strides of target().
+  const at::Tensor& input() const { return input_; }
+  // Where the kernel writes.
+  const at::Tensor& target() const { return target_; }
+  const NcsLayout& layout() const { return layout_; }
+  at::Tensor finish() {
+    if (!target_.is_same(result_)) result_.copy_(target_);
+    return result_;
+  }
+
+ private:
+  at::Tensor result_, target_, input_;
+  NcsLayout layout_{};
+};
+
+// The student and teacher logits of a row op as [B, K] tensors of one dtype (promoted when
+// they differ), each row contiguous (rows may still be any distance apart).
+struct RowLogits {
+  at::Tensor student, teacher;
+  int64_t rows() const { return student.size(0); }
+  int64_t classes() const { return student.size(1); }
+};
+
+inline RowLogits row_logits(const at::Tensor& student, const at::Tensor& teacher, double T) {
+  TORCH_CHECK(student.dim() == 2, "dinv: student_logits must be [B, K], got ", student.sizes());
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "dinv: teacher_logits must have the shape ",
+              student.sizes(), " of student_logits, got ", teacher.sizes());
+  check_floating_cpu(student, "student_logits");
+  check_floating_cpu(teacher, "teacher_logits");
+  TORCH_CHECK(T > 0, "dinv: the temperature T must be positive, got ", T);
+  const auto dtype = at::promote_types(student.scalar_type(), teacher.scalar_type());
+  const auto rows_contiguous = [dtype](const at::Tensor& t) {
+    const at::Tensor same_dtype = t.to(dtype);
+    return same_dtype.stride(1) == 1 ? same_dtype : same_dtype.contiguous();
+  };
+  return {rows_contiguous(student), rows_contiguous(teacher)};
+}
+
+// grad_rows of a row op's backward: acc [B], made contiguous.
+inline at::Tensor row_grads(const at::Tensor& grad_rows, int64_t rows, at::ScalarType acc) {
+  TORCH_CHECK(grad_rows.device().is_cpu(), "dinv: grad_rows must be a CPU tensor, got ",
+              grad_rows.device());
+  TORCH_CHECK(grad_rows.is_floating_point(), "dinv: grad_rows must be floating point, got ",
+              grad_rows.scalar_type());
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == rows,
+              "dinv: grad_rows must have shape [", rows, "], got ", grad_rows.sizes());
+  return grad_rows.to(acc).contiguous();
+}
+
+// Normalization of a softmax row: prob[j] = exp(z_j - max_z) / sum and
+// log prob[j] = (z_j - max_z) - log_sum.
+template <typename acc>
+struct SoftmaxRow {
+  acc max_z;
+  acc log_sum;
+};
+
+// Numerically stable softmax of one row of z = logits / T into prob[0 .. classes).
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+SoftmaxRow<acc> softmax_row(const scalar_t* logits, int64_t classes, acc T, acc* prob) {
+  acc max_z = -std::numeric_limits<acc>::infinity();
+#pragma omp simd reduction(max : max_z)
+  for (int64_t j = 0; j < classes; ++j) max_z = std::max(max_z, static_cast<acc>(logits[j]) / T);
+  for (int64_t j = 0; j < classes; ++j) {
+    prob[j] = std::exp(static_cast<acc>(logits[j]) / T - max_z);
+  }
+  const acc sum = lane_sum<acc>(classes, [prob](int64_t j) { return prob[j]; });
+  const acc inv_sum = acc(1) / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < classes; ++j) prob[j] *= inv_sum;
+  return {max_z, std::log(sum)};
+}
+
+}  // namespace dinv::cpu
