@@ -49,12 +49,13 @@ def find_cuda_home():
     return None
 
 
-def pip_cuda_include_dirs():
-    """Headers of pip's nvidia-* CUDA 13 wheels (the CUDA build of torch is linked against them)."""
-    dirs = []
-    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        dirs += glob.glob(os.path.join(base, "nvidia", "cu13", "include"))
-    return dirs
+def pip_cuda_include_dirs(torch_dir):
+    """Headers of pip's nvidia-* CUDA 13 wheels, which the CUDA build of torch is linked against:
+    beside torch (also inside pip's isolated build environment) or in site-packages."""
+    bases = {os.path.dirname(torch_dir), sysconfig.get_paths()["purelib"],
+             sysconfig.get_paths()["platlib"]}
+    return sorted({d for base in bases
+                   for d in glob.glob(os.path.join(base, "nvidia", "cu13", "include"))})
 
 
 def extension():
@@ -98,7 +99,7 @@ def extension():
     )
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        kwargs["include_dirs"] += pip_cuda_include_dirs()
+        kwargs["include_dirs"] += pip_cuda_include_dirs(os.path.dirname(torch.__file__))
         kwargs["extra_compile_args"] = {
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo"],

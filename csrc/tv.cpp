@@ -15,14 +15,14 @@ namespace dinv::cpu {
 namespace {
 
 struct TvLayout {
-  int64_t planes;          // N*C, or N when a line spans all channels
-  int64_t plane_channels;  // C, or 1 when a line spans all channels
-  int64_t sN, sC;          // plane p = (n, c) = (p / plane_channels, p % plane_channels)
-  int64_t lines_per_plane; // H
-  int64_t line_stride;     // stride of H
-  int64_t len;             // elements per line: W, or W*C
-  int64_t elem_stride;     // stride between the elements of a line
-  int64_t step;            // index distance from an element to its right-hand neighbour
+  int64_t planes;           // N*C, or N when a line spans all channels
+  int64_t plane_channels;   // C, or 1 when a line spans all channels
+  int64_t sN, sC;           // plane p = (n, c) = (p / plane_channels, p % plane_channels)
+  int64_t lines_per_plane;  // H
+  int64_t line_stride;      // stride of H
+  int64_t len;              // elements per line: W, or W*C
+  int64_t elem_stride;      // stride between the elements of a line
+  int64_t step;             // index distance from an element to its right-hand neighbour
   int64_t lines() const { return planes * lines_per_plane; }
   int64_t line_offset(int64_t line) const {
     const int64_t plane = line / lines_per_plane, h = line % lines_per_plane;
