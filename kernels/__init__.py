@@ -1,0 +1,1 @@
+"""Triton implementations of dinv's kernel primitives (contract: docs/kernels.md)."""
