@@ -1,0 +1,157 @@
+"""Data-free knowledge distillation on CIFAR-10, the DeepInversion paper's experiment: a ResNet-34
+teacher distilled into a ResNet-18 student from synthesized images only (the CIFAR-10 training
+set is never read; the test split only measures the result).
+
+    python examples/cifar10_kd.py --data ~/data --teacher-weights rn34.pt --mode adi --out runs/adi
+    python examples/cifar10_kd.py --smoke        # seconds on a CPU: random teacher and data
+
+Paper (Yin et al., CVPR 2020, data-free knowledge transfer on CIFAR-10, ResNet-34 -> ResNet-18):
+teacher 95.42%; student distilled from Gaussian noise 13.6%, from DeepInversion (DI) images
+91.43%, from Adaptive DeepInversion (ADI) images 93.26%. The teacher weights are the DAFL
+ResNet-34 (github.com/huawei-noah/Data-Efficient-Model-Compression, DAFL), loadable into
+`dinv.models.create("resnet34_cifar")` as a state_dict; `--data` holds torchvision's
+cifar-10-batches-py (nothing is downloaded).
+
+Settings (ours where the paper's are not the reference code's; all in the constants below):
+  inversion   32×32, batch 256, 2000 Adam iterations per batch with betas (0.9, 0.999) and no
+              pixel clipping (dinv setting 2, as NVlabs' cifar10/deepinversion_cifar10.py), lr 0.1,
+              BN-statistics weight 10 with no first-layer boost, TV-L2 1e-3, no L2, jitter 2,
+              no flips: the reference README's improved parameters. dinv decays the inversion lr
+              by a cosine (the reference CIFAR script keeps it constant).
+  ADI         competition weight 10 at temperature 3, a new batch every 50 student steps
+              (our choice; the reference script's default is 0, i.e. DI).
+  KD          T = 4, SGD (Nesterov momentum 0.9, weight decay 5e-4), batch 256, lr 0.1 with a
+              per-step cosine to zero over 200 epochs of 50,000 images (the size of CIFAR-10's
+              training set), random 4-pixel translations and horizontal flips (natural images are
+              mirror-symmetric). The paper trains 250 epochs with a step schedule.
+Cost: 50,000 images are 196 inversion batches of 2000 iterations, each a ResNet-34 forward and
+backward on 256 images (ADI adds the ResNet-18's), which dominates the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from dinv import Inverter, models
+from dinv.data import synthesize_dataset
+from dinv.distill import distill_adaptive, distill_offline, plot_accuracy
+
+PAPER_ACCURACY = {"teacher": 95.42, "noise": 13.6, "di": 91.43, "adi": 93.26}
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+INVERSION = dict(image_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD, setting_id=2,
+                 lr=0.1, r_feature=10.0, first_bn_multiplier=1.0, tv_l2=1e-3, tv_l1=0.0, l2=0.0,
+                 jitter=2, flip=False, adi_temperature=3.0)
+ADI_SCALE = 10.0
+KD = dict(batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4, T=4.0, augment=4,
+          flip=True)
+# Paper-sized run, and the smoke run's overrides (a few images, 2 iterations, 1 epoch).
+FULL = dict(images=50_000, synth_batch=256, iterations=2000, epochs=200, synth_every=50)
+SMOKE = dict(images=8, synth_batch=4, iterations=2, epochs=1, synth_every=1, kd_batch=4,
+             eval_images=16)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=["di", "adi", "noise"], default="adi",
+                   help="noise: the baseline distilled from Gaussian noise")
+    p.add_argument("--data", help="folder holding cifar-10-batches-py (test split only)")
+    p.add_argument("--teacher-weights", help="ResNet-34 state_dict (resnet34_cifar)")
+    p.add_argument("--out", default="runs/cifar10_kd")
+    p.add_argument("--images", type=int, default=FULL["images"])
+    p.add_argument("--iterations", type=int, default=FULL["iterations"])
+    p.add_argument("--epochs", type=int, default=FULL["epochs"])
+    p.add_argument("--synth-batch", type=int, default=FULL["synth_batch"])
+    p.add_argument("--synth-every", type=int, default=FULL["synth_every"])
+    p.add_argument("--kd-batch", type=int, default=KD["batch_size"])
+    p.add_argument("--adi-scale", type=float, default=ADI_SCALE)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the inversion")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny CPU run with a random teacher and random test data")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for name in ("images", "synth_batch", "iterations", "epochs", "synth_every", "kd_batch"):
+            setattr(args, name, SMOKE[name])
+        args.device = "cpu"
+    elif not (args.data and args.teacher_weights):
+        p.error("--data and --teacher-weights are required (or --smoke)")
+    return args
+
+
+def load_cifar10_test(root: str):
+    """(images [10000, 3, 32, 32] normalized, labels) of the test split, read from `root`."""
+    import torchvision
+
+    test = torchvision.datasets.CIFAR10(root, train=False, download=False)
+    pixels = torch.tensor(test.data).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (CIFAR10_MEAN, CIFAR10_STD))
+    return (pixels - mean) / std, torch.tensor(test.targets)
+
+
+def teacher_and_test_data(args):
+    """The trained teacher and the real test split, or for --smoke a randomly initialized teacher
+    and random images: the smoke run checks the plumbing, not the accuracy."""
+    torch.manual_seed(args.seed)
+    teacher = models.create("resnet34_cifar")
+    if args.smoke:
+        generator = torch.Generator().manual_seed(args.seed)
+        count = SMOKE["eval_images"]
+        return teacher.eval(), (torch.randn((count, 3, 32, 32), generator=generator),
+                                torch.randint(0, 10, (count,), generator=generator))
+    teacher.load_state_dict(torch.load(args.teacher_weights, map_location="cpu",
+                                       weights_only=True))
+    return teacher.eval(), load_cifar10_test(args.data)
+
+
+def distill(args, teacher, student, eval_data):
+    """Runs the chosen mode; returns its metrics."""
+    common = dict(checkpoint_dir=args.out, resume=args.resume, eval_data=eval_data,
+                  on_epoch=lambda row: print(json.dumps(row), flush=True),
+                  **{**KD, "batch_size": args.kd_batch, "seed": args.seed})
+    if args.mode == "noise":
+        generator = torch.Generator().manual_seed(args.seed)
+        noise = torch.randn((args.images,) + INVERSION["image_shape"], generator=generator)
+        return distill_offline(teacher, student, noise, args.epochs, **common)
+    adi_scale = args.adi_scale if args.mode == "adi" else 0.0
+    inverter = Inverter(teacher, **INVERSION, adi_scale=adi_scale,
+                        amp_dtype=torch.bfloat16 if args.amp else None)
+    if args.mode == "adi":
+        return distill_adaptive(teacher, student, inverter, args.images, args.epochs,
+                                synth_every=args.synth_every, synth_batch_size=args.synth_batch,
+                                iterations=args.iterations, **common)
+    pool = os.path.join(args.out, "pool")
+    synthesize_dataset(inverter, pool, args.images, range(10), batch_size=args.synth_batch,
+                       iterations=args.iterations, seed=args.seed, save_png=not args.smoke,
+                       progress=not args.smoke)
+    return distill_offline(teacher, student, pool, args.epochs, **common)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.time()
+    teacher, eval_data = teacher_and_test_data(args)
+    teacher = teacher.to(args.device)
+    teacher_accuracy = models.accuracy(teacher, *(t.to(args.device) for t in eval_data))
+    student = models.create("resnet18_cifar").to(args.device)
+    metrics = distill(args, teacher, student, eval_data)
+    torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
+    plot_accuracy(metrics, os.path.join(args.out, "accuracy.png"))
+    result = {"mode": args.mode, "teacher_accuracy": 100 * teacher_accuracy,
+              "student_accuracy": 100 * metrics[-1]["val_acc"],
+              "paper": {"teacher": PAPER_ACCURACY["teacher"],
+                        "student": PAPER_ACCURACY[args.mode]},
+              "seconds": round(time.time() - start, 1)}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
