@@ -297,7 +297,8 @@ def run_case(case: Case, rounds: int, repeats: int, log=print) -> list:
             result.speedup_vs_ref = ref.ms / result.ms
         if ref_out is not None and name in outputs:
             loss, grads = outputs[name]
-            result.loss_rel_diff = float((loss - ref_out[0]).abs() / ref_out[0].abs().clamp_min(1e-30))
+            result.loss_rel_diff = float((loss - ref_out[0]).abs()
+                                         / ref_out[0].abs().clamp_min(1e-30))
             result.max_abs_grad_diff = max(
                 float((g - h).abs().max() / h.abs().max().clamp_min(1e-30))
                 for g, h in zip(grads, ref_out[1]))

@@ -41,7 +41,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 from torch import nn, optim
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -146,7 +145,8 @@ class ReferenceInversion:
         outputs = self.net_teacher(inputs_jit)
         loss = self.criterion(outputs, targets)
         loss_var_l1, loss_var_l2 = get_image_prior_losses(inputs_jit)
-        rescale = [self.first_bn_multiplier] + [1. for _ in range(len(self.loss_r_feature_layers) - 1)]
+        rescale = [self.first_bn_multiplier] + [
+            1. for _ in range(len(self.loss_r_feature_layers) - 1)]
         loss_r_feature = sum([mod.r_feature * rescale[idx]
                               for (idx, mod) in enumerate(self.loss_r_feature_layers)])
         loss_l2 = torch.norm(inputs_jit.view(inputs_jit.shape[0], -1), dim=1).mean()
@@ -558,7 +558,7 @@ class Result:
     img_it_per_s: float | None = None
     speedup_vs_eager: float | None = None  # eager s/it over this config's s/it (same run)
     gflops_achieved: float | None = None   # useful FLOPs (fwd + input-grad bwd) per second
-    pct_of_peak: float | None = None       # CPU: of measured fp32 mm peak; GPU: MFU vs --peak-tflops
+    pct_of_peak: float | None = None       # CPU: % of the measured fp32 mm peak; GPU: MFU
     peak_mem_mb: float | None = None
     warmup_s: float | None = None          # first iteration of the first call (compile included)
     later_first_it_s: float | None = None  # median first iteration of later calls (re-warm-up)
@@ -910,7 +910,8 @@ def main(argv=None, log=print):
         wanted = args.configs.split(",")
         known = {c.name for c in configs(args.amp_dtype_t)}
         if set(wanted) - known:
-            raise SystemExit(f"unknown configs {sorted(set(wanted) - known)}; known: {sorted(known)}")
+            raise SystemExit(f"unknown configs {sorted(set(wanted) - known)}; "
+                             f"known: {sorted(known)}")
         config_list = [c for c in config_list if c.name in wanted]
     if not any(c.name == "eager" for c in config_list):
         log("note: without the 'eager' configuration there are no speed-up ratios")
