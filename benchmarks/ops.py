@@ -22,7 +22,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,8 @@ if __package__ in (None, ""):
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.throughput import cpu_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 ACCEPTANCE_SHAPE = (64, 256, 56, 56)
@@ -355,7 +356,7 @@ def main(argv=None, log=print):
     repeats = args.repeats or (2 if args.quick and device == "cpu" else 10)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
-            "cpu": _cpu_model(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "cpu": cpu_model(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "rounds": rounds, "repeats": repeats}
     try:
         meta["loadavg"] = os.getloadavg()
@@ -392,17 +393,6 @@ def main(argv=None, log=print):
         json.dump({"meta": meta, "results": rows}, f, indent=1)
     log(f"wrote {out / (stem + '.csv')}, {out / (stem + '.json')}")
     return results
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------

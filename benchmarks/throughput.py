@@ -732,7 +732,7 @@ def machine_info(device, args) -> dict:
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "host": platform.node(), "python": platform.python_version(),
             "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
+            "cpu": cpu_model(), "cpu_count": os.cpu_count()}
     try:
         info["loadavg_start"] = os.getloadavg()
     except OSError:
@@ -751,7 +751,7 @@ def machine_info(device, args) -> dict:
     return info
 
 
-def _cpu_model():
+def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
