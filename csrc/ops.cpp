@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
 extern "C" {
 // `import dinv._C` loads this shared object, which runs the TORCH_LIBRARY static initializers.
 // No Python functions are exported: everything is reached through torch.ops.dinv.
@@ -14,23 +16,44 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Every kernel reads its inputs through their strides (docs/kernels.md), so Inductor may pass
+// whatever layout it chose (e.g. channels_last convolution outputs) instead of copying to the
+// eager strides first.
+static const std::vector<at::Tag> kFlexibleLayout = {at::Tag::flexible_layout};
+
 TORCH_LIBRARY(dinv, m) {
-  m.def("channel_stats(Tensor x) -> (Tensor, Tensor)");
-  m.def("channel_stats_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
+  m.def(
+      "channel_stats(Tensor x) -> (Tensor, Tensor)",
+      kFlexibleLayout);
+  m.def(
+      "channel_stats_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor",
+      kFlexibleLayout);
   m.def(
       "bn_stats_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, "
-      "Tensor running_var, float eps) -> (Tensor, Tensor, Tensor)");
+      "Tensor running_var, float eps) -> (Tensor, Tensor, Tensor)",
+      kFlexibleLayout);
   m.def(
       "bn_stats_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var, "
-      "Tensor? weight, Tensor running_var, float eps) -> Tensor");
-  m.def("tv_sums(Tensor x, int power) -> Tensor");
-  m.def("tv_backward(Tensor x, Tensor coef, int power) -> Tensor");
-  m.def("js_rows(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor");
+      "Tensor? weight, Tensor running_var, float eps) -> Tensor",
+      kFlexibleLayout);
+  m.def(
+      "tv_sums(Tensor x, int power) -> Tensor",
+      kFlexibleLayout);
+  m.def(
+      "tv_backward(Tensor x, Tensor coef, int power) -> Tensor",
+      kFlexibleLayout);
+  m.def(
+      "js_rows(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
+      kFlexibleLayout);
   m.def(
       "js_rows_backward(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, float T) "
-      "-> (Tensor, Tensor)");
-  m.def("kd_rows(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor");
+      "-> (Tensor, Tensor)",
+      kFlexibleLayout);
+  m.def(
+      "kd_rows(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
+      kFlexibleLayout);
   m.def(
       "kd_rows_backward(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, float T) "
-      "-> (Tensor, Tensor)");
+      "-> (Tensor, Tensor)",
+      kFlexibleLayout);
 }

@@ -45,7 +45,8 @@ def register() -> None:
 
     library = torch.library.Library("dinv_triton", "DEF")
     for name, schema in SCHEMAS.items():
-        library.define(name + schema)
+        # The kernels read any strides, as the C++ ops (tagged the same in csrc/ops.cpp).
+        library.define(name + schema, tags=(torch.Tag.flexible_layout,))
         kernel = getattr(importlib.import_module(f"dinv.kernels.{_MODULE_OF[name]}"), name)
         # CPU only matters under TRITON_INTERPRET=1; the dispatcher never sends CPU tensors here
         # otherwise.

@@ -39,6 +39,15 @@ GRADCHECK_CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_ops_accept_any_layout_under_inductor(backend):
+    """flexible_layout: Inductor passes its chosen strides (e.g. channels_last convolution outputs)
+    instead of inserting copies to the eager strides before every op."""
+    library = _backends.primitives(backend)
+    for name in SCHEMAS:
+        assert torch.Tag.flexible_layout in getattr(library, name).default.tags, name
+
+
 @pytest.mark.parametrize("backend", ["reference"] + [
     p for p in backend_params() if p.id.startswith("cpp")])
 @pytest.mark.parametrize("case", sorted(GRADCHECK_CASES))
@@ -92,6 +101,15 @@ def test_cpp_and_triton_schemas_agree():
     for name, schema in SCHEMAS.items():
         cpp = str(getattr(torch.ops.dinv, name).default._schema)
         assert cpp == f"dinv::{name}{schema}"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_ops_accept_any_layout_under_inductor(backend):
+    """flexible_layout: Inductor passes its chosen strides (e.g. channels_last convolution outputs)
+    instead of inserting copies to the eager strides before every op."""
+    library = _backends.primitives(backend)
+    for name in SCHEMAS:
+        assert torch.Tag.flexible_layout in getattr(library, name).default.tags, name
 
 
 @pytest.mark.parametrize("backend", ["reference"] + [
