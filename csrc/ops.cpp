@@ -36,12 +36,8 @@ TORCH_LIBRARY(dinv, m) {
       "bn_stats_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var, "
       "Tensor? weight, Tensor running_var, float eps) -> Tensor",
       kFlexibleLayout);
-  m.def(
-      "tv_sums(Tensor x, int power) -> Tensor",
-      kFlexibleLayout);
-  m.def(
-      "tv_backward(Tensor x, Tensor coef, int power) -> Tensor",
-      kFlexibleLayout);
+  m.def("image_prior_sums(Tensor x) -> (Tensor, Tensor)", kFlexibleLayout);
+  m.def("image_prior_backward(Tensor x, Tensor tv_coef, Tensor sq_coef) -> Tensor", kFlexibleLayout);
   m.def(
       "js_rows(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
       kFlexibleLayout);

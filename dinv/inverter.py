@@ -365,18 +365,15 @@ class Inverter:
         weights = torch.ones_like(layer)
         weights[0] = c.first_bn_multiplier
         r_feature = (layer * weights).sum()
-        xf = x.float()
-        loss_l2 = xf.flatten(1).norm(dim=1).mean()
-        aux = c.r_feature * r_feature + c.l2 * loss_l2
+        prior = ops.image_prior(x)  # TV l1/l2 and L2 from one pass over x (fp32 sums)
+        aux = c.r_feature * r_feature + c.l2 * prior.l2
         terms = {"main": main, "r_feature": r_feature}
         if c.tv_l2:
-            tv_l2 = ops.tv_loss(xf, "l2")
-            aux = aux + c.tv_l2 * tv_l2
-            terms["tv_l2"] = tv_l2
+            aux = aux + c.tv_l2 * prior.tv_l2
+            terms["tv_l2"] = prior.tv_l2
         if c.tv_l1:
-            tv_l1 = ops.tv_loss(xf, "l1")
-            aux = aux + c.tv_l1 * tv_l1
-            terms["tv_l1"] = tv_l1
+            aux = aux + c.tv_l1 * prior.tv_l1
+            terms["tv_l1"] = prior.tv_l1
         if c.adi_scale:
             competition = ops.js_competition(student_logits.float(), logits,
                                              T=self.adi_temperature,

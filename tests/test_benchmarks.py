@@ -110,7 +110,7 @@ def test_ops_bench_case_runs():
     for case in [ops_bench.Case("bn_stat_loss", (2, 8, 5, 5), torch.float32, "cpu"),
                  ops_bench.Case("bn_inversion", (2, 8, 5, 5), torch.float32, "cpu"),
                  ops_bench.Case("tv_loss_l2", (2, 3, 9, 9), torch.float32, "cpu"),
-                 ops_bench.Case("tv_loss_l1", (2, 3, 9, 9), torch.float32, "cpu"),
+                 ops_bench.Case("image_priors", (2, 3, 9, 9), torch.float32, "cpu"),
                  ops_bench.Case("js_competition", (4, 10), torch.float32, "cpu"),
                  ops_bench.Case("kd_loss", (4, 10), torch.float32, "cpu")]:
         rows = ops_bench.run_case(case, rounds=1, repeats=1, log=lambda *a: None)

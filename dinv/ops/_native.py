@@ -80,25 +80,30 @@ def register(ns: str) -> None:
 
     torch.library.register_autograd(lib + "bn_stats_forward", bn_backward, setup_context=bn_setup)
 
-    # -- total variation ------------------------------------------------------------------------
-    @torch.library.register_fake(lib + "tv_sums")
-    def _(x, power):
-        return x.new_empty(4, dtype=acc_dtype(x.dtype))
+    # -- image priors (total variation and L2) --------------------------------------------------
+    @torch.library.register_fake(lib + "image_prior_sums")
+    def _(x):
+        acc = acc_dtype(x.dtype)
+        return x.new_empty((2, 4), dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
-    @torch.library.register_fake(lib + "tv_backward")
-    def _(x, coef, power):
+    @torch.library.register_fake(lib + "image_prior_backward")
+    def _(x, tv_coef, sq_coef):
         return torch.empty_like(x)
 
-    def tv_setup(ctx, inputs, output):
-        ctx.power = inputs[1]
-        ctx.save_for_backward(inputs[0])
+    def prior_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[1])
 
-    def tv_backward(ctx, grad_sums):
-        (x,) = ctx.saved_tensors
-        # d(Σ d²)/dd = 2d and d(Σ|d|)/dd = sign(d): the kernel's coefficient is grad * power.
-        return ops.tv_backward(x, grad_sums * ctx.power, ctx.power), None
+    def prior_backward(ctx, grad_tv, grad_sq):
+        x, sq = ctx.saved_tensors
+        grad_tv = torch.zeros((2, 4), dtype=sq.dtype, device=sq.device) if grad_tv is None \
+            else grad_tv.to(sq.dtype)
+        # d(Σ|d|)/dd = sign(d), d(Σd²)/dd = 2d, d(Σx²)/dx = 2x: the kernel's coefficients carry
+        # the factors 2.
+        tv_coef = grad_tv * torch.tensor([[1.0], [2.0]], dtype=sq.dtype, device=sq.device)
+        return ops.image_prior_backward(x, tv_coef, 2 * _zeros_if_none(grad_sq, sq))
 
-    torch.library.register_autograd(lib + "tv_sums", tv_backward, setup_context=tv_setup)
+    torch.library.register_autograd(lib + "image_prior_sums", prior_backward,
+                                    setup_context=prior_setup)
 
     # -- per-row JS competition and KD ----------------------------------------------------------
     for rows, rows_backward in (("js_rows", "js_rows_backward"), ("kd_rows", "kd_rows_backward")):

@@ -15,8 +15,8 @@ SCHEMAS = {
                         "Tensor running_var, float eps) -> (Tensor, Tensor, Tensor)",
     "bn_stats_backward": "(Tensor grad_y, Tensor x, Tensor mean, Tensor grad_mean, "
                          "Tensor grad_var, Tensor? weight, Tensor running_var, float eps) -> Tensor",
-    "tv_sums": "(Tensor x, int power) -> Tensor",
-    "tv_backward": "(Tensor x, Tensor coef, int power) -> Tensor",
+    "image_prior_sums": "(Tensor x) -> (Tensor, Tensor)",
+    "image_prior_backward": "(Tensor x, Tensor tv_coef, Tensor sq_coef) -> Tensor",
     "js_rows": "(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
     "js_rows_backward": "(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, "
                         "float T) -> (Tensor, Tensor)",
@@ -27,7 +27,7 @@ SCHEMAS = {
 _MODULE_OF = {
     "channel_stats": "bn_stat", "channel_stats_backward": "bn_stat",
     "bn_stats_forward": "bn_stat", "bn_stats_backward": "bn_stat",
-    "tv_sums": "tv", "tv_backward": "tv",
+    "image_prior_sums": "image_prior", "image_prior_backward": "image_prior",
     "js_rows": "js", "js_rows_backward": "js",
     "kd_rows": "kd", "kd_rows_backward": "kd",
 }

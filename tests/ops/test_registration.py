@@ -28,24 +28,16 @@ GRADCHECK_CASES = {
                              lambda x: ops.bn_inversion(x, _fp64(3, seed=1), _fp64(3, seed=2),
                                                         _fp64(3, seed=3), _fp64(3, seed=4).abs(),
                                                         1e-5)),
-    "tv_l2": lambda: ((_fp64(2, 2, 5, 6),), lambda x: ops.tv_loss(x, "l2")),
-    # l1 is piecewise linear: gradcheck is exact away from d = 0, which random inputs avoid.
-    "tv_l1": lambda: ((_fp64(2, 2, 5, 6),), lambda x: ops.tv_loss(x, "l1")),
+    # TV l1 is piecewise linear: gradcheck is exact away from d = 0, which random inputs avoid.
+    "image_prior": lambda: ((_fp64(2, 2, 5, 6),), ops.image_prior),
+    "image_prior_channels_last": lambda: (
+        (_fp64(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),), ops.image_prior),
     # Logits small enough that no probability sits on a clamp boundary.
     "js_competition": lambda: ((_fp64(3, 6, seed=1, scale=0.5), _fp64(3, 6, seed=2, scale=0.5)),
                                lambda s, t: ops.js_competition(s, t, T=3.0)),
     "kd_loss": lambda: ((_fp64(3, 7, seed=1), _fp64(3, 7, seed=2)),
                         lambda s, t: ops.kd_loss(s, t, T=2.0)),
 }
-
-
-@pytest.mark.parametrize("backend", backend_params())
-def test_ops_accept_any_layout_under_inductor(backend):
-    """flexible_layout: Inductor passes its chosen strides (e.g. channels_last convolution outputs)
-    instead of inserting copies to the eager strides before every op."""
-    library = _backends.primitives(backend)
-    for name in SCHEMAS:
-        assert torch.Tag.flexible_layout in getattr(library, name).default.tags, name
 
 
 @pytest.mark.parametrize("backend", ["reference"] + [
@@ -73,8 +65,8 @@ def _opcheck_args(dtype=torch.float32):
         "channel_stats_backward": (x, c, c, c),
         "bn_stats_forward": (x, c, c, c, c.abs() + 1, 1e-5),
         "bn_stats_backward": (x, x, c, c, c, c, c.abs() + 1, 1e-5),
-        "tv_sums": (x, 2),
-        "tv_backward": (x, torch.randn(4, generator=g), 1),
+        "image_prior_sums": (x,),
+        "image_prior_backward": (x, torch.randn(2, 4, generator=g), torch.randn(2, generator=g)),
         "js_rows": (s, t, 3.0),
         "js_rows_backward": (torch.randn(3, generator=g), s, t, 3.0),
         "kd_rows": (s, t, 4.0),
@@ -87,7 +79,7 @@ def _opcheck_args(dtype=torch.float32):
 def test_opcheck(backend, name):
     op = getattr(_backends.primitives(backend), name).default
     args = _opcheck_args()[name]
-    if name in ("channel_stats", "bn_stats_forward", "tv_sums", "js_rows", "kd_rows"):
+    if name in ("channel_stats", "bn_stats_forward", "image_prior_sums", "js_rows", "kd_rows"):
         differentiable = 2 if name in ("js_rows", "kd_rows") else 1
         args = tuple(a.clone().requires_grad_(True) if i < differentiable else a
                      for i, a in enumerate(args))
@@ -117,7 +109,7 @@ def test_ops_accept_any_layout_under_inductor(backend):
 def test_compiles_without_graph_breaks(backend):
     """The ops compose with torch.compile (fake kernels): one graph, same values and grads."""
     def loss(x, rm, rv, s, t):
-        return (ops.bn_stat_loss(x, rm, rv) + ops.tv_loss(x, "l2")
+        return (ops.bn_stat_loss(x, rm, rv) + sum(ops.image_prior(x))
                 + ops.js_competition(s, t) + ops.kd_loss(s, t))
 
     g = torch.Generator().manual_seed(0)

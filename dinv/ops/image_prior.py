@@ -1,0 +1,94 @@
+"""Image priors of the DeepInversion reference, from one fused pass over the images:
+
+- total variation over four neighbour differences (horizontal, vertical, two diagonals), as the
+  sum of their Frobenius norms (`tv_l2`) or of their mean absolute values (`tv_l1`);
+- the L2 prior, the mean over images of each image's norm (`l2`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _backends
+from .bn_stat import NORM_EPS
+
+KINDS = ("l1", "l2")
+
+
+class ImagePrior(NamedTuple):
+    tv_l1: torch.Tensor  # Σ_k mean|d_k|
+    tv_l2: torch.Tensor  # Σ_k ‖d_k‖_F
+    l2: torch.Tensor     # mean_n ‖x_n‖
+
+
+def tv_differences(x: torch.Tensor):
+    return (x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
+            x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:])
+
+
+def difference_counts(x: torch.Tensor):
+    n, c, h, w = x.shape
+    return (n * c * h * (w - 1), n * c * (h - 1) * w, n * c * (h - 1) * (w - 1),
+            n * c * (h - 1) * (w - 1))
+
+
+def _safe_sqrt(sum_of_squares: torch.Tensor) -> torch.Tensor:
+    # The gradient is 0 below NORM_EPS instead of sqrt's infinite slope at 0.
+    return torch.sqrt(sum_of_squares.clamp_min(NORM_EPS * NORM_EPS))
+
+
+def _check(x):
+    if x.dim() != 4:
+        raise ValueError(f"image priors expect images [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
+
+
+def image_prior_reference(x: torch.Tensor) -> ImagePrior:
+    """The reference formulas in the acc dtype; an empty difference (H or W = 1) counts 0."""
+    _check(x)
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    zero = (xf * 0).sum()  # connected to x, so an all-empty TV still has a (zero) gradient
+    tv_l1, tv_l2 = zero, zero
+    for d in tv_differences(xf):
+        if d.numel() == 0:
+            continue
+        tv_l1 = tv_l1 + d.abs().mean()
+        tv_l2 = tv_l2 + _safe_sqrt((d * d).sum())
+    l2 = _safe_sqrt((xf * xf).flatten(1).sum(1)).mean() if x.shape[0] else zero
+    return ImagePrior(tv_l1, tv_l2, l2)
+
+
+def image_prior(x: torch.Tensor) -> ImagePrior:
+    """(tv_l1, tv_l2, l2) of images `x` [N, C, H, W], forward and backward each in one pass over
+    `x` on the native backends, whichever of the three the caller uses."""
+    _check(x)
+    backend = _backends.select(x)
+    if backend == "reference":
+        return image_prior_reference(x)
+    tv, sq = _backends.primitives(backend).image_prior_sums(x)
+    present = [k for k, count in enumerate(difference_counts(x)) if count > 0]
+    divisors = torch.tensor([difference_counts(x)[k] for k in present], dtype=tv.dtype,
+                            device=tv.device)
+    tv_l1 = (tv[0, present] / divisors).sum()
+    tv_l2 = _safe_sqrt(tv[1, present]).sum()
+    l2 = _safe_sqrt(sq).mean() if x.shape[0] else sq.sum()
+    return ImagePrior(tv_l1, tv_l2, l2)
+
+
+def _tv_kind(kind: str) -> int:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return KINDS.index(kind)
+
+
+def tv_loss_reference(x: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    index = _tv_kind(kind)
+    return image_prior_reference(x)[index]
+
+
+def tv_loss(x: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """Σ_k ‖d_k‖_F (kind="l2") or Σ_k mean|d_k| (kind="l1") of images `x` [N, C, H, W]."""
+    index = _tv_kind(kind)
+    return image_prior(x)[index]
