@@ -90,7 +90,9 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp"))
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     # No -std: BuildExtension adds the standard the installed torch needs (C++20 for 2.14).
-    cxx_flags = ["-O3"] + openmp
+    # -fno-trapping-math lets GCC turn the selects of the polynomial exp/log (csrc/dinv_cpu.h) into
+    # vector blends; values are unchanged (nothing here enables floating-point traps).
+    cxx_flags = ["-O3", "-fno-trapping-math"] + openmp
     kwargs = dict(
         name="dinv._C",
         include_dirs=[os.path.abspath("csrc")],

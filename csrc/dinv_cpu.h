@@ -8,6 +8,7 @@
 #include <ATen/TensorUtils.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -209,15 +210,72 @@ struct SoftmaxRow {
   acc log_sum;
 };
 
-// Numerically stable softmax of one row of z = logits / T into prob[0 .. classes).
+// exp and log that vectorize. std::exp/std::log are library calls, which keep `#pragma omp simd`
+// loops scalar (vector math needs -ffast-math here); these are branch-free polynomials with
+// Cephes' expf/logf coefficients, within about 2 ulp of the rounded result. fp64 (the gradcheck
+// dtype, where accuracy matters more than speed) keeps the library calls.
+//
+// exp_simd: for x <= 88 (softmax exponents are <= 0). Results below FLT_MIN flush to 0.
+inline float exp_simd(float x) {
+  constexpr float kMin = -87.33654475f;  // log(FLT_MIN)
+  const float xc = std::min(std::max(x, kMin), 88.0f);
+  // x = n ln2 + r with |r| <= ln2/2: n rounded to nearest by the 1.5 * 2^23 trick (floor and
+  // nearbyint are calls without SSE4.1); ln2 split in two (Cody-Waite) so that r is exact.
+  constexpr float kRound = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const float result = p * two_n;  // computed unconditionally: the select below then vectorizes
+  return x < kMin ? 0.0f : result;
+}
+inline double exp_simd(double x) {
+  return std::exp(x);
+}
+
+// log_simd: for positive normal x (the callers' arguments are clamped probabilities).
+inline float log_simd(float x) {
+  // x = m 2^e with m in [sqrt(1/2), sqrt(2)), log x = e ln2 + log1p(m - 1).
+  const int32_t bits = std::bit_cast<int32_t>(x);
+  const float m1 = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
+  const bool halve = m1 > 1.41421356f;
+  const float e = static_cast<float>((bits >> 23) - 127 + (halve ? 1 : 0));
+  const float f = m1 * (halve ? 0.5f : 1.0f) - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z + e * -2.12194440e-4f - 0.5f * z;
+  return (f + y) + e * 0.693359375f;
+}
+inline double log_simd(double x) {
+  return std::log(x);
+}
+
+// Numerically stable softmax of one row of z = logits / T: writes z[0 .. classes) and
+// prob[0 .. classes); z may be prob (then only the probabilities remain).
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
-SoftmaxRow<acc> softmax_row(const scalar_t* logits, int64_t classes, acc T, acc* prob) {
+SoftmaxRow<acc> softmax_row(const scalar_t* logits, int64_t classes, acc T, acc* z, acc* prob) {
   acc max_z = -std::numeric_limits<acc>::infinity();
 #pragma omp simd reduction(max : max_z)
-  for (int64_t j = 0; j < classes; ++j) max_z = std::max(max_z, static_cast<acc>(logits[j]) / T);
   for (int64_t j = 0; j < classes; ++j) {
-    prob[j] = std::exp(static_cast<acc>(logits[j]) / T - max_z);
+    z[j] = static_cast<acc>(logits[j]) / T;
+    max_z = std::max(max_z, z[j]);
   }
+#pragma omp simd
+  for (int64_t j = 0; j < classes; ++j) prob[j] = exp_simd(z[j] - max_z);
   const acc sum = lane_sum<acc>(classes, [prob](int64_t j) { return prob[j]; });
   const acc inv_sum = acc(1) / sum;
 #pragma omp simd

@@ -38,12 +38,12 @@ void js_rows_kernel(const RowLogits& logits, acc T, acc* out) {
   at::parallel_for(0, logits.rows(), grain_for(K), [&](int64_t begin, int64_t end) {
     std::vector<acc> p(K), q(K);
     for (int64_t b = begin; b < end; ++b) {
-      softmax_row(student + b * student_stride, K, T, p.data());
-      softmax_row(teacher + b * teacher_stride, K, T, q.data());
+      softmax_row(student + b * student_stride, K, T, p.data(), p.data());
+      softmax_row(teacher + b * teacher_stride, K, T, q.data(), q.data());
       out[b] = lane_sum<acc>(K, [&](int64_t j) {
         const acc mc = clamp_prob((p[j] + q[j]) * acc(0.5));
-        return mc * (std::log(mc) - acc(0.5) * std::log(clamp_prob(p[j])) -
-                     acc(0.5) * std::log(clamp_prob(q[j])));
+        return mc * (log_simd(mc) - acc(0.5) * log_simd(clamp_prob(p[j])) -
+                     acc(0.5) * log_simd(clamp_prob(q[j])));
       });
     }
   });
@@ -61,14 +61,16 @@ void js_rows_backward_kernel(const acc* grad_rows, const RowLogits& logits, acc 
     // p and q, then the gradients gp and gq of the row's loss with respect to them.
     std::vector<acc> p(K), q(K), gp(K), gq(K);
     for (int64_t b = begin; b < end; ++b) {
-      softmax_row(student + b * student_stride, K, T, p.data());
-      softmax_row(teacher + b * teacher_stride, K, T, q.data());
+      softmax_row(student + b * student_stride, K, T, p.data(), p.data());
+      softmax_row(teacher + b * teacher_stride, K, T, q.data(), q.data());
+#pragma omp simd
       for (int64_t j = 0; j < K; ++j) {
         const acc m = (p[j] + q[j]) * acc(0.5);
         const acc mc = clamp_prob(m), pc = clamp_prob(p[j]), qc = clamp_prob(q[j]);
-        const acc gm = inside_clamp(m) ? std::log(mc) + acc(1) - acc(0.5) * std::log(pc) -
-                                             acc(0.5) * std::log(qc)
-                                       : acc(0);
+        // Computed unconditionally so that the selects below vectorize.
+        const acc log_terms =
+            log_simd(mc) + acc(1) - acc(0.5) * log_simd(pc) - acc(0.5) * log_simd(qc);
+        const acc gm = inside_clamp(m) ? log_terms : acc(0);
         gp[j] = (inside_clamp(p[j]) ? acc(-0.5) * mc / pc : acc(0)) + acc(0.5) * gm;
         gq[j] = (inside_clamp(q[j]) ? acc(-0.5) * mc / qc : acc(0)) + acc(0.5) * gm;
       }
@@ -78,6 +80,7 @@ void js_rows_backward_kernel(const acc* grad_rows, const RowLogits& logits, acc 
       const acc scale = grad_rows[b] / T;
       scalar_t* ds = grad_student + b * K;
       scalar_t* dt = grad_teacher + b * K;
+#pragma omp simd
       for (int64_t j = 0; j < K; ++j) {
         ds[j] = static_cast<scalar_t>(scale * p[j] * (gp[j] - p_dot_gp));
         dt[j] = static_cast<scalar_t>(scale * q[j] * (gq[j] - q_dot_gq));

@@ -11,6 +11,12 @@
 namespace dinv::cpu {
 namespace {
 
+// log q_j − log p_j of a row from the scaled logits and their softmax normalizations.
+template <typename acc>
+acc log_ratio(acc zt, acc zs, const SoftmaxRow<acc>& qs, const SoftmaxRow<acc>& ps) {
+  return ((zt - qs.max_z) - qs.log_sum) - ((zs - ps.max_z) - ps.log_sum);
+}
+
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 void kd_rows_kernel(const RowLogits& logits, acc T, acc* out) {
   const int64_t K = logits.classes();
@@ -19,17 +25,15 @@ void kd_rows_kernel(const RowLogits& logits, acc T, acc* out) {
   const int64_t student_stride = logits.student.stride(0);
   const int64_t teacher_stride = logits.teacher.stride(0);
   at::parallel_for(0, logits.rows(), grain_for(K), [&](int64_t begin, int64_t end) {
-    std::vector<acc> p(K), q(K);
+    // z = logits / T of both rows, and the student's softmax p (unused but for its
+    // normalization) and the teacher's q.
+    std::vector<acc> zs(K), zt(K), p(K), q(K);
     for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* s = student + b * student_stride;
-      const scalar_t* t = teacher + b * teacher_stride;
-      const auto ps = softmax_row(s, K, T, p.data());
-      const auto qs = softmax_row(t, K, T, q.data());
+      const auto ps = softmax_row(student + b * student_stride, K, T, zs.data(), p.data());
+      const auto qs = softmax_row(teacher + b * teacher_stride, K, T, zt.data(), q.data());
       out[b] = lane_sum<acc>(K, [&](int64_t j) {
-        const acc log_q = (static_cast<acc>(t[j]) / T - qs.max_z) - qs.log_sum;
-        const acc log_p = (static_cast<acc>(s[j]) / T - ps.max_z) - ps.log_sum;
         // xlogy: an underflowed q_j contributes 0, not NaN
-        return q[j] == acc(0) ? acc(0) : q[j] * (log_q - log_p);
+        return q[j] == acc(0) ? acc(0) : q[j] * log_ratio(zt[j], zs[j], qs, ps);
       });
     }
   });
@@ -44,26 +48,25 @@ void kd_rows_backward_kernel(const acc* grad_rows, const RowLogits& logits, acc 
   const int64_t student_stride = logits.student.stride(0);
   const int64_t teacher_stride = logits.teacher.stride(0);
   at::parallel_for(0, logits.rows(), grain_for(K), [&](int64_t begin, int64_t end) {
-    // p and q, then a_j = log q_j - log p_j in place of p once the student gradient is written.
-    std::vector<acc> p(K), q(K);
+    // z = logits / T, p and q; then a_j = log q_j − log p_j in place of zs.
+    std::vector<acc> zs(K), zt(K), p(K), q(K);
     for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* s = student + b * student_stride;
-      const scalar_t* t = teacher + b * teacher_stride;
-      const auto ps = softmax_row(s, K, T, p.data());
-      const auto qs = softmax_row(t, K, T, q.data());
+      const auto ps = softmax_row(student + b * student_stride, K, T, zs.data(), p.data());
+      const auto qs = softmax_row(teacher + b * teacher_stride, K, T, zt.data(), q.data());
       const acc scale = grad_rows[b] / T;
       scalar_t* ds = grad_student + b * K;
       scalar_t* dt = grad_teacher + b * K;
+#pragma omp simd
       for (int64_t j = 0; j < K; ++j) {
         ds[j] = static_cast<scalar_t>(scale * (p[j] - q[j]));
-        const acc log_q = (static_cast<acc>(t[j]) / T - qs.max_z) - qs.log_sum;
-        const acc log_p = (static_cast<acc>(s[j]) / T - ps.max_z) - ps.log_sum;
-        p[j] = log_q - log_p;
+        zs[j] = log_ratio(zt[j], zs[j], qs, ps);
       }
       const acc q_dot_a =
-          lane_sum<acc>(K, [&](int64_t j) { return q[j] == acc(0) ? acc(0) : q[j] * p[j]; });
+          lane_sum<acc>(K, [&](int64_t j) { return q[j] == acc(0) ? acc(0) : q[j] * zs[j]; });
+#pragma omp simd
       for (int64_t j = 0; j < K; ++j) {
-        dt[j] = static_cast<scalar_t>(q[j] == acc(0) ? acc(0) : scale * q[j] * (p[j] - q_dot_a));
+        const acc grad = scale * q[j] * (zs[j] - q_dot_a);  // unconditional: the select vectorizes
+        dt[j] = static_cast<scalar_t>(q[j] == acc(0) ? acc(0) : grad);
       }
     }
   });
