@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorUtils.h>
@@ -13,6 +14,8 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 namespace dinv::cpu {
 
@@ -200,6 +203,60 @@ inline at::Tensor row_grads(const at::Tensor& grad_rows, int64_t rows, at::Scala
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == rows,
               "dinv: grad_rows must have shape [", rows, "], got ", grad_rows.sizes());
   return grad_rows.to(acc).contiguous();
+}
+
+// Runs row(b, student_row, teacher_row, scratch) for every row b of the logits, rows spread over
+// the threads; scratch is a per-thread acc buffer of scratch_rows * K values.
+template <typename scalar_t, typename Row>
+void for_each_row(const RowLogits& logits, int64_t scratch_rows, const Row& row) {
+  using acc = acc_t<scalar_t>;
+  const int64_t K = logits.classes();
+  const scalar_t* student = logits.student.const_data_ptr<scalar_t>();
+  const scalar_t* teacher = logits.teacher.const_data_ptr<scalar_t>();
+  const int64_t student_stride = logits.student.stride(0);
+  const int64_t teacher_stride = logits.teacher.stride(0);
+  at::parallel_for(0, logits.rows(), grain_for(K), [&](int64_t begin, int64_t end) {
+    std::vector<acc> scratch(scratch_rows * K);
+    for (int64_t b = begin; b < end; ++b) {
+      row(b, student + b * student_stride, teacher + b * teacher_stride, scratch.data());
+    }
+  });
+}
+
+// The host side of a row op's forward: checks, the acc [B] output and the dispatch on the
+// logits' dtype; launch(scalar_t{}, logits, T, out) runs the kernel.
+template <typename Launch>
+at::Tensor rows_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                        double T, const Launch& launch) {
+  const RowLogits logits = row_logits(student_logits, teacher_logits, T);
+  const auto dtype = logits.student.scalar_type();
+  at::Tensor out = at::empty({logits.rows()}, logits.student.options().dtype(acc_dtype(dtype)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dinv_rows", [&] {
+    using acc = acc_t<scalar_t>;
+    launch(scalar_t{}, logits, static_cast<acc>(T), out.mutable_data_ptr<acc>());
+  });
+  return out;
+}
+
+// The backward's: launch(scalar_t{}, grad_rows, logits, T, grad_student, grad_teacher) writes the
+// gradients, returned in each input's own dtype (they differ only when the logits' dtypes do).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> rows_backward(const at::Tensor& grad_rows,
+                                                 const at::Tensor& student_logits,
+                                                 const at::Tensor& teacher_logits, double T,
+                                                 const Launch& launch) {
+  const RowLogits logits = row_logits(student_logits, teacher_logits, T);
+  const auto dtype = logits.student.scalar_type();
+  const at::Tensor grads = row_grads(grad_rows, logits.rows(), acc_dtype(dtype));
+  at::Tensor grad_student = at::empty(logits.student.sizes(), logits.student.options());
+  at::Tensor grad_teacher = at::empty(logits.teacher.sizes(), logits.teacher.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dinv_rows_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    launch(scalar_t{}, grads.const_data_ptr<acc>(), logits, static_cast<acc>(T),
+           grad_student.mutable_data_ptr<scalar_t>(), grad_teacher.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_student.to(student_logits.scalar_type()),
+          grad_teacher.to(teacher_logits.scalar_type())};
 }
 
 // Normalization of a softmax row: prob[j] = exp(z_j - max_z) / sum and

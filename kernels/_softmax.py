@@ -48,3 +48,38 @@ def logits_acc_dtype(student_logits, teacher_logits):
 def row_block(K):
     """Chunk length: the whole row up to 1024 columns."""
     return max(16, min(1024, triton.next_power_of_2(K)))
+
+
+def launch_rows(kernel, student_logits, teacher_logits, T, **constexprs):
+    """out[b] of a per-row forward kernel with the signature (s, t, out, K, T, strides of s and
+    t, ..., BLOCK): one program per row, out in the acc dtype."""
+    check_logits(student_logits, teacher_logits)
+    B, K = student_logits.shape
+    rows = torch.empty(B, dtype=logits_acc_dtype(student_logits, teacher_logits),
+                       device=student_logits.device)
+    if B == 0:
+        return rows
+    kernel[(B,)](student_logits, teacher_logits, rows, K, float(T),
+                 *student_logits.stride(), *teacher_logits.stride(),
+                 BLOCK=row_block(K), num_warps=4, **constexprs)
+    return rows
+
+
+def launch_rows_backward(kernel, grad_rows, student_logits, teacher_logits, T, **constexprs):
+    """(ds, dt) of a per-row backward kernel with the signature (grad_rows, s, t, ds, dt, K, T,
+    strides of s, t, ds and dt, ..., BLOCK)."""
+    check_logits(student_logits, teacher_logits)
+    check_grad_rows(grad_rows, student_logits)
+    B, K = student_logits.shape
+    grad_student = torch.empty_like(student_logits)
+    grad_teacher = torch.empty_like(teacher_logits)
+    if B == 0 or K == 0:
+        return grad_student, grad_teacher
+    # The kernels read grad_rows as a contiguous vector in the acc dtype (a no-op for the [B] acc
+    # tensor the contract promises).
+    grad_rows = grad_rows.to(logits_acc_dtype(student_logits, teacher_logits)).contiguous()
+    kernel[(B,)](grad_rows, student_logits, teacher_logits, grad_student, grad_teacher, K,
+                 float(T), *student_logits.stride(), *teacher_logits.stride(),
+                 *grad_student.stride(), *grad_teacher.stride(),
+                 BLOCK=row_block(K), num_warps=4, **constexprs)
+    return grad_student, grad_teacher

@@ -5,12 +5,10 @@
 
 One program per row; the backward recomputes both softmaxes from the logits.
 """
-import torch
 import triton
 import triton.language as tl
 
-from ._softmax import (check_grad_rows, check_logits, logits_acc_dtype, row_block,
-                       row_max_and_sum)
+from ._softmax import launch_rows, launch_rows_backward, row_max_and_sum
 
 CLAMP_LO = 0.01
 CLAMP_HI = 0.99
@@ -118,34 +116,10 @@ def _js_rows_backward_kernel(grad_rows_ptr, s_ptr, t_ptr, ds_ptr, dt_ptr, K, T,
 
 
 def js_rows(student_logits, teacher_logits, T):
-    check_logits(student_logits, teacher_logits)
-    B, K = student_logits.shape
-    rows = torch.empty(B, dtype=logits_acc_dtype(student_logits, teacher_logits),
-                       device=student_logits.device)
-    if B == 0:
-        return rows
-    _js_rows_kernel[(B,)](
-        student_logits, teacher_logits, rows, K, float(T),
-        *student_logits.stride(), *teacher_logits.stride(),
-        LO=CLAMP_LO, HI=CLAMP_HI, BLOCK=row_block(K), num_warps=4)
-    return rows
+    return launch_rows(_js_rows_kernel, student_logits, teacher_logits, T,
+                       LO=CLAMP_LO, HI=CLAMP_HI)
 
 
 def js_rows_backward(grad_rows, student_logits, teacher_logits, T):
-    check_logits(student_logits, teacher_logits)
-    check_grad_rows(grad_rows, student_logits)
-    B, K = student_logits.shape
-    grad_student = torch.empty_like(student_logits)
-    grad_teacher = torch.empty_like(teacher_logits)
-    if B == 0 or K == 0:
-        return grad_student, grad_teacher
-    # The kernel reads grad_rows as a contiguous vector in the acc dtype (a no-op for the [B] acc
-    # tensor the contract promises).
-    grad_rows = grad_rows.to(logits_acc_dtype(student_logits, teacher_logits)).contiguous()
-    _js_rows_backward_kernel[(B,)](
-        grad_rows, student_logits, teacher_logits,
-        grad_student, grad_teacher, K, float(T),
-        *student_logits.stride(), *teacher_logits.stride(),
-        *grad_student.stride(), *grad_teacher.stride(),
-        LO=CLAMP_LO, HI=CLAMP_HI, BLOCK=row_block(K), num_warps=4)
-    return grad_student, grad_teacher
+    return launch_rows_backward(_js_rows_backward_kernel, grad_rows, student_logits,
+                                teacher_logits, T, LO=CLAMP_LO, HI=CLAMP_HI)

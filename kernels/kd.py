@@ -3,12 +3,10 @@ log p = log_softmax(s/T). Terms whose q_j underflows to 0 count 0 (xlogy convent
 
 One program per row; the backward recomputes both softmaxes from the logits.
 """
-import torch
 import triton
 import triton.language as tl
 
-from ._softmax import (check_grad_rows, check_logits, logits_acc_dtype, row_block,
-                       row_max_and_sum)
+from ._softmax import launch_rows, launch_rows_backward, row_max_and_sum
 
 
 @triton.jit
@@ -20,27 +18,34 @@ def _log_softmax_chunk(row_ptr, stride, cols, mask, T, row_max, log_row_sum, ACC
 
 
 @triton.jit
+def _row_kl(s_row, t_row, s_stride, t_stride, K, T, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(s_max, s_log_sum, t_max, t_log_sum, Σ_j q_j·(log q_j − log p_j)) of one row."""
+    s_max, s_sum = row_max_and_sum(s_row, s_stride, K, T, ACC, BLOCK)
+    t_max, t_sum = row_max_and_sum(t_row, t_stride, K, T, ACC, BLOCK)
+    s_log_sum = tl.log(s_sum)
+    t_log_sum = tl.log(t_sum)
+    total = tl.zeros([BLOCK], ACC)
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        mask = cols < K
+        log_p = _log_softmax_chunk(s_row, s_stride, cols, mask, T, s_max, s_log_sum, ACC)
+        log_q = _log_softmax_chunk(t_row, t_stride, cols, mask, T, t_max, t_log_sum, ACC)
+        q = tl.exp(log_q)
+        # q == 0 (underflow) counts 0, as xlogy does, and keeps 0·(−inf) out.
+        total += tl.where(mask & (q > 0), q * (log_q - log_p), 0.0)
+    return s_max, s_log_sum, t_max, t_log_sum, tl.sum(total, 0)
+
+
+@triton.jit
 def _kd_rows_kernel(s_ptr, t_ptr, out_ptr, K, T, s_stride_b, s_stride_k, t_stride_b, t_stride_k,
                     BLOCK: tl.constexpr):
     acc = out_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
-    s_max, s_sum = row_max_and_sum(s_row, s_stride_k, K, T, acc, BLOCK)
-    t_max, t_sum = row_max_and_sum(t_row, t_stride_k, K, T, acc, BLOCK)
-    s_log_sum = tl.log(s_sum)
-    t_log_sum = tl.log(t_sum)
-
-    total = tl.zeros([BLOCK], acc)
-    for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        mask = cols < K
-        log_p = _log_softmax_chunk(s_row, s_stride_k, cols, mask, T, s_max, s_log_sum, acc)
-        log_q = _log_softmax_chunk(t_row, t_stride_k, cols, mask, T, t_max, t_log_sum, acc)
-        q = tl.exp(log_q)
-        # q == 0 (underflow) counts 0, as xlogy does, and keeps 0·(−inf) out.
-        total += tl.where(mask & (q > 0), q * (log_q - log_p), 0.0)
-    tl.store(out_ptr + row, tl.sum(total, 0))
+    s_max, s_log_sum, t_max, t_log_sum, kl = _row_kl(s_row, t_row, s_stride_k, t_stride_k, K, T,
+                                                     acc, BLOCK)
+    tl.store(out_ptr + row, kl)
 
 
 @triton.jit
@@ -53,20 +58,8 @@ def _kd_rows_backward_kernel(grad_rows_ptr, s_ptr, t_ptr, ds_ptr, dt_ptr, K, T,
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
-    s_max, s_sum = row_max_and_sum(s_row, s_stride_k, K, T, acc, BLOCK)
-    t_max, t_sum = row_max_and_sum(t_row, t_stride_k, K, T, acc, BLOCK)
-    s_log_sum = tl.log(s_sum)
-    t_log_sum = tl.log(t_sum)
-
-    qa_lanes = tl.zeros([BLOCK], acc)
-    for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        mask = cols < K
-        log_p = _log_softmax_chunk(s_row, s_stride_k, cols, mask, T, s_max, s_log_sum, acc)
-        log_q = _log_softmax_chunk(t_row, t_stride_k, cols, mask, T, t_max, t_log_sum, acc)
-        q = tl.exp(log_q)
-        qa_lanes += tl.where(mask & (q > 0), q * (log_q - log_p), 0.0)
-    qa = tl.sum(qa_lanes, 0)
+    s_max, s_log_sum, t_max, t_log_sum, qa = _row_kl(s_row, t_row, s_stride_k, t_stride_k, K, T,
+                                                     acc, BLOCK)
 
     g_over_t = tl.load(grad_rows_ptr + row).to(acc) / T
     for k0 in range(0, K, BLOCK):
@@ -84,33 +77,9 @@ def _kd_rows_backward_kernel(grad_rows_ptr, s_ptr, t_ptr, ds_ptr, dt_ptr, K, T,
 
 
 def kd_rows(student_logits, teacher_logits, T):
-    check_logits(student_logits, teacher_logits)
-    B, K = student_logits.shape
-    rows = torch.empty(B, dtype=logits_acc_dtype(student_logits, teacher_logits),
-                       device=student_logits.device)
-    if B == 0:
-        return rows
-    _kd_rows_kernel[(B,)](
-        student_logits, teacher_logits, rows, K, float(T),
-        *student_logits.stride(), *teacher_logits.stride(),
-        BLOCK=row_block(K), num_warps=4)
-    return rows
+    return launch_rows(_kd_rows_kernel, student_logits, teacher_logits, T)
 
 
 def kd_rows_backward(grad_rows, student_logits, teacher_logits, T):
-    check_logits(student_logits, teacher_logits)
-    check_grad_rows(grad_rows, student_logits)
-    B, K = student_logits.shape
-    grad_student = torch.empty_like(student_logits)
-    grad_teacher = torch.empty_like(teacher_logits)
-    if B == 0 or K == 0:
-        return grad_student, grad_teacher
-    # The kernel reads grad_rows as a contiguous vector in the acc dtype (a no-op for the [B] acc
-    # tensor the contract promises).
-    grad_rows = grad_rows.to(logits_acc_dtype(student_logits, teacher_logits)).contiguous()
-    _kd_rows_backward_kernel[(B,)](
-        grad_rows, student_logits, teacher_logits, grad_student, grad_teacher, K, float(T),
-        *student_logits.stride(), *teacher_logits.stride(),
-        *grad_student.stride(), *grad_teacher.stride(),
-        BLOCK=row_block(K), num_warps=4)
-    return grad_student, grad_teacher
+    return launch_rows_backward(_kd_rows_backward_kernel, grad_rows, student_logits,
+                                teacher_logits, T)
