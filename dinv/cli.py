@@ -87,7 +87,7 @@ def cmd_invert(args):
 
     teacher = load_teacher(args.teacher, args.arch, args.num_classes)
     inverter, iterations = inverter_from_args(args, teacher)
-    classes = args.classes or list(range(_num_outputs(teacher, inverter)))
+    classes = args.classes or list(range(num_outputs(teacher, inverter)))
     start = time.time()
     manifest = synthesize_dataset(inverter, args.out, args.num_images, classes,
                                   batch_size=args.batch_size, iterations=iterations,
@@ -96,7 +96,8 @@ def cmd_invert(args):
           f"grid: {os.path.join(args.out, 'grid.png')}")
 
 
-def _num_outputs(teacher, inverter):
+def num_outputs(teacher, inverter):
+    """How many classes the teacher predicts, from one forward of two blank images."""
     with torch.no_grad():
         return teacher.eval()(torch.zeros((2,) + inverter.image_shape,
                                           device=inverter.device)).shape[1]

@@ -49,9 +49,9 @@ def init_reference(inv, teacher=None, setting_id=0, jitter=30, criterion=None, *
                "main_loss_multiplier", "adi_scale"} - set(coefficients)
     if missing:
         raise ValueError(f"coefficients is missing {sorted(missing)} (the reference needs all)")
-    from .inverter import Inverter, _model_device
+    from .inverter import Inverter, model_device
 
-    device = _model_device(net_teacher)
+    device = model_device(net_teacher)
     use_fp16 = bool(kwargs.get("use_fp16", False))
     amp_dtype = None
     if use_fp16:

@@ -23,14 +23,17 @@ from .imaging import save_grid, to_pil
 MANIFEST = "manifest.json"
 
 
-def _atomic_json(obj, path):
+def atomic_json(obj, path):
+    """Writes JSON to a temporary file renamed over `path`: an interrupted run never leaves a
+    truncated file behind."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
 
-def _atomic_save(obj, path):
+def atomic_save(obj, path):
+    """torch.save with the same all-or-nothing rename as `atomic_json`."""
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -89,12 +92,12 @@ def synthesize_dataset(inverter, out_dir, num_images: int, classes, batch_size: 
                 tmp = os.path.join(folder, f".b{batch:05d}_i{index:03d}.png")
                 image.save(tmp, format="PNG")
                 os.replace(tmp, os.path.join(folder, f"b{batch:05d}_i{index:03d}.png"))
-        _atomic_save({"images": images.detach().cpu().half(), "labels": labels},
+        atomic_save({"images": images.detach().cpu().half(), "labels": labels},
                      os.path.join(out_dir, "shards", f"batch_{batch:05d}.pt"))
         save_grid(images, os.path.join(out_dir, "grid.png"), inverter.mean, inverter.std,
                   nrow=min(len(classes), 10), upscale=max(1, 64 // inverter.image_shape[-1]))
         manifest["completed"] = sorted(manifest["completed"] + [batch])
-        _atomic_json(manifest, path)
+        atomic_json(manifest, path)
         if on_batch is not None:
             on_batch(batch, images, labels)
         if bar is not None:

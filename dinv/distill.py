@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .data import _atomic_json, _atomic_save, batch_seed, batch_targets, load_shards
-from .inverter import _model_device, frozen
+from .data import atomic_json, atomic_save, batch_seed, batch_targets, load_shards
+from .inverter import model_device, frozen
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_CSV = "metrics.csv"
@@ -93,7 +93,7 @@ class _Run:
         if total_steps < 1:
             raise ValueError("nothing to train: need epochs >= 1 and at least one image")
         self.teacher, self.student, self.options = teacher, student, options
-        self.device = _model_device(student)
+        self.device = model_device(student)
         self.optimizer = _make_optimizer(student, options)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps)
         # A private generator, so that the batches and augmentations do not depend on what else
@@ -157,7 +157,7 @@ class _Run:
                  **extra_state}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        _atomic_save(state, os.path.join(self.checkpoint_dir, CHECKPOINT))
+        atomic_save(state, os.path.join(self.checkpoint_dir, CHECKPOINT))
         write_metrics(self.metrics, self.checkpoint_dir)
 
     def restore(self, resume: bool) -> dict:
@@ -189,7 +189,7 @@ class _Run:
 
 def write_metrics(metrics: list, out_dir) -> None:
     """metrics.json and metrics.csv (one row per epoch, METRIC_FIELDS), each written atomically."""
-    _atomic_json(metrics, os.path.join(out_dir, METRICS_JSON))
+    atomic_json(metrics, os.path.join(out_dir, METRICS_JSON))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS)
     writer.writeheader()
@@ -297,13 +297,13 @@ def distill_adaptive(teacher: nn.Module, student: nn.Module, inverter, images: i
     Unlike a DI pool, ADI images are tied to this student's training: they cannot be synthesized
     ahead of time, in parallel, or reused for another student.
     """
-    from .cli import _num_outputs
+    from .cli import num_outputs
 
     options = KDOptions(**options)
     synth_batch_size = synth_batch_size or options.batch_size
     pool_size = pool_size or images
     classes = [int(c) for c in classes] if classes is not None else \
-        list(range(_num_outputs(teacher, inverter)))
+        list(range(num_outputs(teacher, inverter)))
     steps_per_epoch = math.ceil(images / options.batch_size)
     total_steps = epochs * steps_per_epoch
     batches = math.ceil(images / synth_batch_size)
@@ -430,13 +430,13 @@ def _print_row(row: dict) -> None:
 
 def main_from_args(args) -> list:
     """Runs `dinv distill`; returns the metrics."""
-    from .cli import _num_outputs, inverter_from_args, load_teacher
+    from .cli import num_outputs, inverter_from_args, load_teacher
     from .data import synthesize_dataset
 
     teacher = load_teacher(args.teacher, args.arch, args.num_classes)
     inverter, iterations = inverter_from_args(args, teacher)
     student = _student_from_args(args)
-    classes = list(range(_num_outputs(teacher, inverter)))
+    classes = list(range(num_outputs(teacher, inverter)))
     common = dict(checkpoint_dir=args.out, resume=args.resume,
                   eval_data=_eval_data_from_args(args), on_epoch=_print_row,
                   batch_size=args.kd_batch_size, lr=args.kd_lr, optimizer=args.optimizer,

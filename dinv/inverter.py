@@ -118,7 +118,8 @@ def frozen(*models):
                 p.requires_grad_(flag)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter or buffer (CPU for a model with neither)."""
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")
@@ -176,7 +177,7 @@ class Inverter:
         self.output_function = output_function
         self.amp_dtype = amp_dtype
         self.log_every = log_every
-        self.device = _model_device(teacher)
+        self.device = model_device(teacher)
         # Fused BN only pays when a native kernel runs it; the reference would compute the same.
         self.fused_bn = (ops.select(torch.empty(0, device=self.device)) != "reference"
                          if fused_bn is None else fused_bn)
