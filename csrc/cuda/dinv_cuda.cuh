@@ -1,6 +1,7 @@
 // Helpers shared by the dinv CUDA kernels (csrc/cuda/*.cu): accumulation types, vector loads,
 // deterministic warp/block reductions, Welford/Chan and online-softmax merges, per-channel
-// parameter reads and host-side checks. The math of every op is in docs/kernels.md.
+// parameter reads, host-side checks and the row ops' launches. The math of every op is in
+// docs/kernels.md.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +15,8 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <tuple>
+#include <type_traits>
 
 namespace dinv::gpu {
 
@@ -444,6 +447,69 @@ inline int64_t resident_blocks() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   return static_cast<int64_t>(prop->multiProcessorCount) *
          (prop->maxThreadsPerMultiProcessor / kBlock);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side of the row ops (js, kd): the checks, the dtype promotion and one block of
+// row_threads(K) threads per row, shared so that each op supplies only its kernels. `kernel_of`
+// maps std::type_identity<scalar_t> to the op's kernel for scalar_t, since a kernel template
+// cannot be a template argument:
+//   [](auto type) { return op_kernel<typename decltype(type)::type>; }
+
+// The forward: the acc [B] row values, from kernel(s, t, K, 1/T, out).
+template <typename KernelOf>
+at::Tensor launch_rows(const char* op, const at::Tensor& student_logits,
+                       const at::Tensor& teacher_logits, double T, KernelOf kernel_of) {
+  check_logits(student_logits, teacher_logits, T, op);
+  const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
+  const LogitPair logits = promote_logits(student_logits, teacher_logits);
+  const at::Tensor& s = logits.s;
+  const at::Tensor& t = logits.t;
+  const int64_t B = s.size(0), K = s.size(1);
+  at::Tensor out = at::empty({B}, s.options().dtype(acc_type(s)));
+  if (B == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dinv_rows", [&] {
+    using acc = acc_t<scalar_t>;
+    const auto kernel = kernel_of(std::type_identity<scalar_t>{});
+    kernel<<<static_cast<unsigned>(B), row_threads(K), 0, at::cuda::getCurrentCUDAStream()>>>(
+        logits_of<scalar_t>(s), logits_of<scalar_t>(t), K, static_cast<acc>(1.0 / T),
+        out.data_ptr<acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// The backward: the gradients of the student and the teacher logits, each in its logits' dtype,
+// from kernel(grad_rows, s, t, K, 1/T, ds, dt).
+template <typename KernelOf>
+std::tuple<at::Tensor, at::Tensor> launch_rows_backward(const char* op,
+                                                        const at::Tensor& grad_rows,
+                                                        const at::Tensor& student_logits,
+                                                        const at::Tensor& teacher_logits,
+                                                        double T, KernelOf kernel_of) {
+  check_logits(student_logits, teacher_logits, T, op);
+  const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
+  const LogitPair logits = promote_logits(student_logits, teacher_logits);
+  const at::Tensor& s = logits.s;
+  const at::Tensor& t = logits.t;
+  const at::Tensor g = grad_rows_tensor(grad_rows, s, op);
+  at::Tensor ds = at::empty_like(s);
+  at::Tensor dt = at::empty_like(t);
+  const int64_t B = s.size(0), K = s.size(1);
+  if (B > 0 && K > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, s.scalar_type(), "dinv_rows_backward", [&] {
+          using acc = acc_t<scalar_t>;
+          const auto kernel = kernel_of(std::type_identity<scalar_t>{});
+          kernel<<<static_cast<unsigned>(B), row_threads(K), 0,
+                   at::cuda::getCurrentCUDAStream()>>>(
+              g.const_data_ptr<acc>(), logits_of<scalar_t>(s), logits_of<scalar_t>(t), K,
+              static_cast<acc>(1.0 / T), logit_grads_of<scalar_t>(ds),
+              logit_grads_of<scalar_t>(dt));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+  return {ds.to(student_logits.scalar_type()), dt.to(teacher_logits.scalar_type())};
 }
 
 }  // namespace dinv::gpu

@@ -89,51 +89,19 @@ __global__ void __launch_bounds__(kBlock)
 
 at::Tensor js_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                         double T) {
-  check_logits(student_logits, teacher_logits, T, "js_rows");
-  const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
-  const LogitPair logits = promote_logits(student_logits, teacher_logits);
-  const at::Tensor& s = logits.s;
-  const at::Tensor& t = logits.t;
-  const int64_t B = s.size(0), K = s.size(1);
-  at::Tensor out = at::empty({B}, s.options().dtype(acc_type(s)));
-  if (B == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dinv_js_rows", [&] {
-    using acc = acc_t<scalar_t>;
-    js_rows_kernel<scalar_t>
-        <<<static_cast<unsigned>(B), row_threads(K), 0, at::cuda::getCurrentCUDAStream()>>>(
-            logits_of<scalar_t>(s), logits_of<scalar_t>(t), K, static_cast<acc>(1.0 / T),
-            out.data_ptr<acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return launch_rows("js_rows", student_logits, teacher_logits, T, [](auto type) {
+    return js_rows_kernel<typename decltype(type)::type>;
   });
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> js_rows_backward_cuda(const at::Tensor& grad_rows,
                                                          const at::Tensor& student_logits,
                                                          const at::Tensor& teacher_logits,
                                                          double T) {
-  constexpr const char* op = "js_rows_backward";
-  check_logits(student_logits, teacher_logits, T, op);
-  const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
-  const LogitPair logits = promote_logits(student_logits, teacher_logits);
-  const at::Tensor& s = logits.s;
-  const at::Tensor& t = logits.t;
-  const at::Tensor g = grad_rows_tensor(grad_rows, s, op);
-  at::Tensor ds = at::empty_like(s);
-  at::Tensor dt = at::empty_like(t);
-  const int64_t B = s.size(0), K = s.size(1);
-  if (B > 0 && K > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dinv_js_bwd", [&] {
-      using acc = acc_t<scalar_t>;
-      js_rows_backward_kernel<scalar_t>
-          <<<static_cast<unsigned>(B), row_threads(K), 0, at::cuda::getCurrentCUDAStream()>>>(
-              g.const_data_ptr<acc>(), logits_of<scalar_t>(s), logits_of<scalar_t>(t), K,
-              static_cast<acc>(1.0 / T), logit_grads_of<scalar_t>(ds),
-              logit_grads_of<scalar_t>(dt));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return {ds.to(student_logits.scalar_type()), dt.to(teacher_logits.scalar_type())};
+  return launch_rows_backward(
+      "js_rows_backward", grad_rows, student_logits, teacher_logits, T, [](auto type) {
+        return js_rows_backward_kernel<typename decltype(type)::type>;
+      });
 }
 
 }  // namespace

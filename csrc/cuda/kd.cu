@@ -17,6 +17,22 @@ __device__ __forceinline__ acc kd_term(acc q, acc a) {
   return q > acc(0) ? q * a : acc(0);
 }
 
+// This thread's share of row b's KL, Σ_j q_j*a_j: the terms j = threadIdx.x + i*blockDim.x.
+template <typename scalar_t>
+__device__ __forceinline__ acc_t<scalar_t> kd_row_partial(const Logits<scalar_t>& s,
+                                                          const Logits<scalar_t>& t, int64_t b,
+                                                          int64_t K, acc_t<scalar_t> inv_t,
+                                                          const RowSoftmax<acc_t<scalar_t>>& ps,
+                                                          const RowSoftmax<acc_t<scalar_t>>& pt) {
+  using acc = acc_t<scalar_t>;
+  acc r = 0;
+  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+    const acc zs = s.z(b, j, inv_t), zt = t.z(b, j, inv_t);
+    r += kd_term(pt.prob(zt), pt.log_prob(zt) - ps.log_prob(zs));
+  }
+  return r;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock)
     kd_rows_kernel(Logits<scalar_t> s, Logits<scalar_t> t, int64_t K, acc_t<scalar_t> inv_t,
@@ -25,12 +41,7 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t b = blockIdx.x;
   RowSoftmax<acc> ps, pt;
   row_softmaxes(s, t, b, K, inv_t, ps, pt);
-  acc r = 0;
-  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-    const acc zs = s.z(b, j, inv_t), zt = t.z(b, j, inv_t);
-    r += kd_term(pt.prob(zt), pt.log_prob(zt) - ps.log_prob(zs));
-  }
-  r = block_reduce(r, Add{}, acc(0));
+  const acc r = block_reduce(kd_row_partial(s, t, b, K, inv_t, ps, pt), Add{}, acc(0));
   if (threadIdx.x == 0) out[b] = r;
 }
 
@@ -44,12 +55,7 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t b = blockIdx.x;
   RowSoftmax<acc> ps, pt;
   row_softmaxes(s, t, b, K, inv_t, ps, pt);
-  acc kl = 0;
-  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-    const acc zs = s.z(b, j, inv_t), zt = t.z(b, j, inv_t);
-    kl += kd_term(pt.prob(zt), pt.log_prob(zt) - ps.log_prob(zs));
-  }
-  kl = block_allreduce(kl, Add{}, acc(0));
+  const acc kl = block_allreduce(kd_row_partial(s, t, b, K, inv_t, ps, pt), Add{}, acc(0));
   const acc g = grad_rows[b] * inv_t;
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
     const acc zs = s.z(b, j, inv_t), zt = t.z(b, j, inv_t);
@@ -61,51 +67,19 @@ __global__ void __launch_bounds__(kBlock)
 
 at::Tensor kd_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                         double T) {
-  check_logits(student_logits, teacher_logits, T, "kd_rows");
-  const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
-  const LogitPair logits = promote_logits(student_logits, teacher_logits);
-  const at::Tensor& s = logits.s;
-  const at::Tensor& t = logits.t;
-  const int64_t B = s.size(0), K = s.size(1);
-  at::Tensor out = at::empty({B}, s.options().dtype(acc_type(s)));
-  if (B == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dinv_kd_rows", [&] {
-    using acc = acc_t<scalar_t>;
-    kd_rows_kernel<scalar_t>
-        <<<static_cast<unsigned>(B), row_threads(K), 0, at::cuda::getCurrentCUDAStream()>>>(
-            logits_of<scalar_t>(s), logits_of<scalar_t>(t), K, static_cast<acc>(1.0 / T),
-            out.data_ptr<acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return launch_rows("kd_rows", student_logits, teacher_logits, T, [](auto type) {
+    return kd_rows_kernel<typename decltype(type)::type>;
   });
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_rows_backward_cuda(const at::Tensor& grad_rows,
                                                          const at::Tensor& student_logits,
                                                          const at::Tensor& teacher_logits,
                                                          double T) {
-  constexpr const char* op = "kd_rows_backward";
-  check_logits(student_logits, teacher_logits, T, op);
-  const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
-  const LogitPair logits = promote_logits(student_logits, teacher_logits);
-  const at::Tensor& s = logits.s;
-  const at::Tensor& t = logits.t;
-  const at::Tensor g = grad_rows_tensor(grad_rows, s, op);
-  at::Tensor ds = at::empty_like(s);
-  at::Tensor dt = at::empty_like(t);
-  const int64_t B = s.size(0), K = s.size(1);
-  if (B > 0 && K > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dinv_kd_bwd", [&] {
-      using acc = acc_t<scalar_t>;
-      kd_rows_backward_kernel<scalar_t>
-          <<<static_cast<unsigned>(B), row_threads(K), 0, at::cuda::getCurrentCUDAStream()>>>(
-              g.const_data_ptr<acc>(), logits_of<scalar_t>(s), logits_of<scalar_t>(t), K,
-              static_cast<acc>(1.0 / T), logit_grads_of<scalar_t>(ds),
-              logit_grads_of<scalar_t>(dt));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return {ds.to(student_logits.scalar_type()), dt.to(teacher_logits.scalar_type())};
+  return launch_rows_backward(
+      "kd_rows_backward", grad_rows, student_logits, teacher_logits, T, [](auto type) {
+        return kd_rows_backward_kernel<typename decltype(type)::type>;
+      });
 }
 
 }  // namespace
