@@ -119,13 +119,14 @@ class ReferenceInversion:
     requiring grad, hooks on every BatchNorm2d, `optimizer.zero_grad(); net.zero_grad()` each
     iteration, torch.roll jitter + torch.flip, `loss.item()` and a clone of the images every
     iteration. `compile` wraps the forward+loss function in torch.compile (the strongest peer a
-    user can build from the reference; jitter, backward and the step stay eager)."""
+    user can build from the reference; jitter, backward and the step stay eager); `frozen` is the
+    one-line user fix of not computing the teacher's weight gradients."""
 
     def __init__(self, teacher, image_shape, mean, std, *, r_feature, first_bn_multiplier, tv_l1,
-                 tv_l2, l2, lr, main_loss_multiplier=1.0, jitter=30, flip=True, compile=False):
+                 tv_l2, l2, lr, main_loss_multiplier=1.0, jitter=30, flip=True, compile=False,
+                 frozen=False):
         self.net_teacher = teacher.eval()
-        for p in self.net_teacher.parameters():
-            p.requires_grad_(True)
+        self.teacher_requires_grad = not frozen
         self.loss_r_feature_layers = [DeepInversionFeatureHook(m) for m in teacher.modules()
                                       if isinstance(m, nn.BatchNorm2d)]
         self.image_shape, self.mean, self.std = tuple(image_shape), tuple(mean), tuple(std)
@@ -159,6 +160,9 @@ class ReferenceInversion:
     def get_images(self, targets, iterations, inputs, rng=random, callback=None, every=1):
         """`inputs`: the start images (the reference draws torch.randn); `rng`: the source of the
         jitter/flip draws (the reference uses the global `random` module)."""
+        # Runners share the teacher: set its parameters as this configuration has them.
+        for p in self.net_teacher.parameters():
+            p.requires_grad_(self.teacher_requires_grad)
         inputs = inputs.detach().clone().requires_grad_(True)
         optimizer = optim.Adam([inputs], lr=self.lr, betas=[0.5, 0.9], eps=1e-8)
         do_clip = True
@@ -331,6 +335,9 @@ def configs(amp_dtype: torch.dtype) -> list:
         Config("eager", "reference", "reference loop, eager fp32"),
         Config("ref-compile", "reference", "reference loop, torch.compile(forward+loss)",
                (("compile", True),)),
+        Config("ref-compile-frozen", "reference",
+               "reference loop, teacher frozen, torch.compile(forward+loss)",
+               (("compile", True), ("frozen", True))),
         Config("ops", "dinv", "dinv: fused ops (hooks + channel_stats)", base),
         Config("fused-bn", "dinv", "dinv: + fused BN (fused_bn=True)", fused),
         Config("channels-last", "dinv", "dinv: + channels_last", cl),
@@ -385,6 +392,7 @@ class ReferenceRunner:
         self.impl = ReferenceInversion(teacher, workload.image_shape, workload.mean, workload.std,
                                        jitter=workload.jitter, flip=workload.flip,
                                        compile=options.get("compile", False),
+                                       frozen=options.get("frozen", False),
                                        **workload.coefficients)
 
     def run(self, targets, iterations, init, seed, callback, every):

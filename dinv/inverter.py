@@ -345,9 +345,19 @@ class Inverter:
             return functools.partial(self._loss, factor=factor)
         if factor not in self._compiled:
             mode = None if self.compile_mode is True else self.compile_mode
-            self._compiled[factor] = torch.compile(
-                functools.partial(self._loss, factor=factor), mode=mode)
+            compiled = torch.compile(functools.partial(self._loss, factor=factor), mode=mode)
+            self._compiled[factor] = functools.partial(self._run_compiled, compiled)
         return self._compiled[factor]
+
+    def _run_compiled(self, compiled, *args):
+        # On CPU the compiled step traces the ops' torch formulations: Inductor fuses them with
+        # the neighbouring BatchNorm/ReLU/pooling code, while the C++ kernels would stay opaque
+        # calls between fused regions (digits net: 87 vs 113 ms/it, benchmarks/RESULTS.md). On
+        # GPU the dispatcher's choice stands, and a backend the user forces always wins.
+        if self.device.type != "cpu" or ops.forced() is not None:
+            return compiled(*args)
+        with ops.use_backend("reference"):
+            return compiled(*args)
 
     def _loss(self, images, rows, cols, targets, student, factor):
         """The DeepInversion objective of one jittered view; returns (loss, per-image cost for

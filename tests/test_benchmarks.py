@@ -125,12 +125,12 @@ def test_throughput_smoke_compiled(tmp_path):
     """The compiled rows (reference forward+loss under torch.compile, Inverter(compile=True)) run
     and compute the eager loss. Slow: two CPU compilations, 20-60 s each on 2 busy cores."""
     results, _ = throughput.main(
-        ["--device", "cpu", "--workloads", "tiny", "--configs", "eager,ref-compile,compile",
+        ["--device", "cpu", "--workloads", "tiny", "--configs", "eager,ref-compile,ref-compile-frozen,compile",
          "--rounds", "1", "--iters", "2", "--mm-size", "128", "--no-memory", "--out",
          str(tmp_path)], log=lambda *a: None)
     rows = {r.config: r for r in results}
     for r in results:
         assert r.status == "ok" and r.s_per_it > 0, (r.config, r.status)
-    for name in ("ref-compile", "compile"):
+    for name in ("ref-compile", "ref-compile-frozen", "compile"):
         assert rows[name].loss_it1 == pytest.approx(rows["eager"].loss_it1, rel=1e-5)
         assert rows[name].dynamo.get("breaks", 0) == 0, rows[name].dynamo

@@ -132,6 +132,23 @@ def test_same_seed_same_images_other_seed_other_images():
     assert not torch.allclose(a, c)
 
 
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    """compile=True (on CPU: the ops' torch formulations inside one Inductor graph) synthesizes
+    the images of the eager C++ path, with no graph break. Slow: one CPU compilation."""
+    from torch._dynamo.utils import counters
+
+    net = tiny_net()
+    eager = dinv.Inverter(net, image_shape=(3, 8, 8), jitter=2).invert([0, 1, 2], iterations=4,
+                                                                       seed=5)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = dinv.Inverter(net, image_shape=(3, 8, 8), jitter=2, compile=True).invert(
+        [0, 1, 2], iterations=4, seed=5)
+    assert not counters["graph_break"]
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
 def _teacher_state(net):
     return ({k: v.clone() for k, v in net.state_dict().items()},
             [m.training for m in net.modules()], [p.requires_grad for p in net.parameters()])
