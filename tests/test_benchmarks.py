@@ -123,10 +123,10 @@ def test_ops_bench_case_runs():
 @pytest.mark.slow
 def test_throughput_smoke_compiled(tmp_path):
     """The compiled rows (reference forward+loss under torch.compile, Inverter(compile=True)) run
-    and compute the eager loss. Slow: two CPU compilations, 20-60 s each on 2 busy cores."""
+    and compute the eager loss. Slow: three CPU compilations, 20-60 s each on 2 busy cores."""
     results, _ = throughput.main(
-        ["--device", "cpu", "--workloads", "tiny", "--configs", "eager,ref-compile,ref-compile-frozen,compile",
-         "--rounds", "1", "--iters", "2", "--mm-size", "128", "--no-memory", "--out",
+        ["--device", "cpu", "--workloads", "tiny", "--configs",
+         "eager,ref-compile,ref-compile-frozen,compile", "--rounds", "1", "--iters", "2", "--mm-size", "128", "--no-memory", "--out",
          str(tmp_path)], log=lambda *a: None)
     rows = {r.config: r for r in results}
     for r in results:
