@@ -69,21 +69,24 @@ def ref_bn_inversion(x, weight, bias, running_mean, running_var, grad_y, eps=1e-
     return (y * grad_y).sum() + ref_bn_stat_loss(x, running_mean, running_var)
 
 
-def ref_tv(x, kind):
-    diff1 = x[:, :, :, :-1] - x[:, :, :, 1:]
-    diff2 = x[:, :, :-1, :] - x[:, :, 1:, :]
-    diff3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
-    diff4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
-    if kind == "l2":
-        return torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
-    loss_var_l1 = (diff1.abs() / 255.0).mean() + (diff2.abs() / 255.0).mean() + (
-        diff3.abs() / 255.0).mean() + (diff4.abs() / 255.0).mean()
-    return loss_var_l1 * 255.0
+def ref_differences(x):
+    return (x[:, :, :, :-1] - x[:, :, :, 1:], x[:, :, :-1, :] - x[:, :, 1:, :],
+            x[:, :, 1:, :-1] - x[:, :, :-1, 1:], x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
+
+
+def ref_tv_l2(x):
+    diff1, diff2, diff3, diff4 = ref_differences(x)
+    return torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
 
 
 def ref_image_priors(x):
-    """TV l1 + TV l2 + the L2 prior, as the reference computes them: three separate passes."""
-    return ref_tv(x, "l1") + ref_tv(x, "l2") + torch.norm(x.view(x.shape[0], -1), dim=1).mean()
+    """TV l1 + TV l2 + the L2 prior as the reference's loop computes them
+    (`get_image_prior_losses`: the differences once, both norms; then the images' norms)."""
+    diff1, diff2, diff3, diff4 = ref_differences(x)
+    loss_var_l2 = torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
+    loss_var_l1 = (diff1.abs() / 255.0).mean() + (diff2.abs() / 255.0).mean() + (
+        diff3.abs() / 255.0).mean() + (diff4.abs() / 255.0).mean()
+    return loss_var_l1 * 255.0 + loss_var_l2 + torch.norm(x.view(x.shape[0], -1), dim=1).mean()
 
 
 def ref_js(outputs_student, outputs, T=3.0):
@@ -205,7 +208,7 @@ def implementations(case: Case) -> dict:
         # BN parameters stay fp32 with low-precision inputs, as in a model under autocast.
         "bn_inversion": lambda i: ref_bn_inversion(i["x"], i["w"], i["b"], i["rm"], i["rv"],
                                                    i["gy"]),
-        "tv_loss_l2": lambda i: ref_tv(i["x"], "l2"),
+        "tv_loss_l2": lambda i: ref_tv_l2(i["x"]),
         "image_priors": lambda i: ref_image_priors(i["x"]),
         "js_competition": lambda i: ref_js(i["s"], i["t"]),
         "kd_loss": lambda i: ref_kd(i["s"], i["t"].detach()),

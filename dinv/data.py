@@ -93,7 +93,7 @@ def synthesize_dataset(inverter, out_dir, num_images: int, classes, batch_size: 
                 image.save(tmp, format="PNG")
                 os.replace(tmp, os.path.join(folder, f"b{batch:05d}_i{index:03d}.png"))
         atomic_save({"images": images.detach().cpu().half(), "labels": labels},
-                     os.path.join(out_dir, "shards", f"batch_{batch:05d}.pt"))
+                    os.path.join(out_dir, "shards", f"batch_{batch:05d}.pt"))
         save_grid(images, os.path.join(out_dir, "grid.png"), inverter.mean, inverter.std,
                   nrow=min(len(classes), 10), upscale=max(1, 64 // inverter.image_shape[-1]))
         manifest["completed"] = sorted(manifest["completed"] + [batch])

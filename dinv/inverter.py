@@ -352,7 +352,7 @@ class Inverter:
     def _run_compiled(self, compiled, *args):
         # On CPU the compiled step traces the ops' torch formulations: Inductor fuses them with
         # the neighbouring BatchNorm/ReLU/pooling code, while the C++ kernels would stay opaque
-        # calls between fused regions (digits net: 87 vs 113 ms/it, benchmarks/RESULTS.md). On
+        # calls between fused regions (digits net: 78 vs 113 ms/it, benchmarks/RESULTS.md). On
         # GPU the dispatcher's choice stands, and a backend the user forces always wins.
         if self.device.type != "cpu" or ops.forced() is not None:
             return compiled(*args)
