@@ -45,7 +45,8 @@ def cmd_info(args):
 # -- dinv invert --------------------------------------------------------------------------------
 def add_inversion_options(p):
     p.add_argument("--image-shape", type=lambda s: tuple(int(v) for v in s.split(",")),
-                   help="C,H,W (default: 1,16,16 for digits, else 3,224,224)")
+                   help="C,H,W (default: 1,16,16 for digits, 3,32,32 for *_cifar archs, "
+                   "else 3,224,224)")
     p.add_argument("--mean", type=_floats, help="normalization mean per channel "
                    "(default: digits' or ImageNet's)")
     p.add_argument("--std", type=_floats, help="normalization std per channel")
@@ -65,16 +66,19 @@ def add_inversion_options(p):
     p.add_argument("--seed", type=int, default=0)
 
 
-def inverter_from_args(args, teacher):
+def inverter_from_args(args, teacher, **settings_overrides):
+    """The Inverter of the command line: the preset of --teacher/--arch, then the flags given,
+    then `settings_overrides` (e.g. adi_scale); returns it and the iteration count."""
     from .inverter import Inverter
     from .presets import inversion_settings
 
-    settings = inversion_settings(args.teacher)
+    settings = inversion_settings(args.teacher, getattr(args, "arch", None))
     overrides = {"image_shape": args.image_shape, "mean": args.mean, "std": args.std,
                  "setting_id": args.setting, "lr": args.lr, "r_feature": args.r_feature,
                  "first_bn_multiplier": args.first_bn_multiplier, "tv_l2": args.tv_l2,
                  "tv_l1": args.tv_l1, "l2": args.l2, "jitter": args.jitter, "flip": args.flip}
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.update(settings_overrides)
     iterations = args.iterations if args.iterations is not None else settings.pop("iterations")
     settings.pop("iterations", None)
     if args.amp:

@@ -434,7 +434,8 @@ def main_from_args(args) -> list:
     from .data import synthesize_dataset
 
     teacher = load_teacher(args.teacher, args.arch, args.num_classes)
-    inverter, iterations = inverter_from_args(args, teacher)
+    inverter, iterations = inverter_from_args(
+        args, teacher, adi_scale=args.adi_scale if args.mode == "adi" else 0.0)
     student = _student_from_args(args)
     classes = list(range(num_outputs(teacher, inverter)))
     common = dict(checkpoint_dir=args.out, resume=args.resume,
@@ -449,7 +450,6 @@ def main_from_args(args) -> list:
                            iterations=iterations, seed=args.seed, save_png=False, progress=True)
         metrics = distill_offline(teacher, student, pool, args.epochs, **common)
     else:
-        inverter.coefficients.adi_scale = args.adi_scale
         metrics = distill_adaptive(teacher, student, inverter, args.images, args.epochs,
                                    synth_every=args.synth_every,
                                    synth_batch_size=args.batch_size, iterations=iterations,

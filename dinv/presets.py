@@ -4,6 +4,8 @@ DIGITS: measured on the shipped digits teacher (16×16 grayscale). Flips are off
 are a prior about the domain, and mirrored digits are other shapes (shared DESIGN notes: a
 student distilled from flipped digits lost 7–25 points). Jitter is a pixel, the images are tiny.
 IMAGENET: the reference script's defaults (ResNet-50, 224 px, setting 0).
+CIFAR10: NVlabs' cifar10/deepinversion_cifar10.py (32 px, clipping, r_feature 10, no L2 prior),
+used for the `*_cifar` architectures.
 """
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ IMAGENET = dict(image_shape=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                 tv_l1=0.0, l2=1e-5, jitter=30, flip=True)
 
 
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+CIFAR10 = dict(image_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD, setting_id=2,
+               iterations=2000, lr=0.1, r_feature=10.0, first_bn_multiplier=1.0, tv_l2=1e-3,
+               tv_l1=0.0, l2=0.0, jitter=2, flip=False, adi_temperature=3.0)
+
+
 def digits_settings() -> dict:
     from .models.digits import DIGITS_MEAN, DIGITS_STD
 
@@ -22,6 +31,10 @@ def digits_settings() -> dict:
                 tv_l1=0.0, l2=1e-4, jitter=1, flip=False)
 
 
-def inversion_settings(teacher: str) -> dict:
-    """Inverter keyword arguments (plus "iterations") for a teacher name of the CLI."""
-    return digits_settings() if teacher == "digits" else dict(IMAGENET)
+def inversion_settings(teacher: str, arch: str | None = None) -> dict:
+    """Inverter keyword arguments (plus "iterations") for the CLI's --teacher and --arch."""
+    if teacher == "digits":
+        return digits_settings()
+    if arch is not None and arch.endswith("_cifar"):
+        return dict(CIFAR10)
+    return dict(IMAGENET)

@@ -40,13 +40,10 @@ import torch
 from dinv import Inverter, models
 from dinv.data import synthesize_dataset
 from dinv.distill import distill_adaptive, distill_offline, plot_accuracy
+from dinv.presets import CIFAR10, CIFAR10_MEAN, CIFAR10_STD
 
 PAPER_ACCURACY = {"teacher": 95.42, "noise": 13.6, "di": 91.43, "adi": 93.26}
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-INVERSION = dict(image_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD, setting_id=2,
-                 lr=0.1, r_feature=10.0, first_bn_multiplier=1.0, tv_l2=1e-3, tv_l1=0.0, l2=0.0,
-                 jitter=2, flip=False, adi_temperature=3.0)
+INVERSION = {k: v for k, v in CIFAR10.items() if k != "iterations"}
 ADI_SCALE = 10.0
 KD = dict(batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4, T=4.0, augment=4,
           flip=True)

@@ -32,6 +32,23 @@ def test_invert_writes_a_resumable_dataset(tmp_path):
         assert json.load(f)["completed"] == [0, 1]
 
 
+def test_cifar_architectures_get_the_cifar_preset_and_overrides_win(tmp_path):
+    from dinv import models
+    from dinv.presets import CIFAR10
+
+    weights = str(tmp_path / "rn18.pt")
+    torch.save(models.create("resnet18_cifar").state_dict(), weights)
+    args = cli.build_parser().parse_args(
+        ["invert", "--teacher", weights, "--arch", "resnet18_cifar", "--lr", "0.05",
+         "--num-images", "4", "--out", str(tmp_path / "out")])
+    teacher = cli.load_teacher(args.teacher, args.arch, args.num_classes)
+    inverter, iterations = cli.inverter_from_args(args, teacher, adi_scale=2.0)
+    assert inverter.image_shape == (3, 32, 32) and iterations == CIFAR10["iterations"]
+    assert inverter.setting_id == 2 and inverter.mean == CIFAR10["mean"]
+    assert inverter.coefficients.r_feature == CIFAR10["r_feature"]
+    assert inverter.coefficients.lr == 0.05 and inverter.coefficients.adi_scale == 2.0
+
+
 @pytest.mark.slow
 def test_demo_synthesizes_digits_the_teacher_recognizes(tmp_path):
     """Issue 4's quality bar, on the shipped teacher with the demo's settings (5 images per
