@@ -498,43 +498,41 @@ Plan make_plan(const Problem& p, int vec, std::initializer_list<Operand> ops) {
   return plan;
 }
 
-template <typename scalar_t, bool WRITE_Y>
-void launch_stats(const Plan& plan, const StatsArgs<scalar_t>& args) {
+// The kernels are instantiated per vector width and traversal, which the plan picks at run time:
+// calls launch(std::integral_constant<int, VEC>{}, std::bool_constant<COLS>{}) with the plan's.
+template <typename scalar_t, typename Launch>
+void dispatch_plan(const Plan& plan, const Launch& launch) {
   constexpr int V = kVec<scalar_t>;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (plan.cols) {
     if (plan.vec == V) {
-      stats_kernel<scalar_t, V, true, WRITE_Y><<<plan.grid, plan.block, 0, stream>>>(args);
+      launch(std::integral_constant<int, V>{}, std::true_type{});
     } else {
-      stats_kernel<scalar_t, 1, true, WRITE_Y><<<plan.grid, plan.block, 0, stream>>>(args);
+      launch(std::integral_constant<int, 1>{}, std::true_type{});
     }
   } else {
     if (plan.vec == V) {
-      stats_kernel<scalar_t, V, false, WRITE_Y><<<plan.grid, plan.block, 0, stream>>>(args);
+      launch(std::integral_constant<int, V>{}, std::false_type{});
     } else {
-      stats_kernel<scalar_t, 1, false, WRITE_Y><<<plan.grid, plan.block, 0, stream>>>(args);
+      launch(std::integral_constant<int, 1>{}, std::false_type{});
     }
   }
+}
+
+template <typename scalar_t, bool WRITE_Y>
+void launch_stats(const Plan& plan, const StatsArgs<scalar_t>& args) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_plan<scalar_t>(plan, [&](auto vec, auto cols) {
+    stats_kernel<scalar_t, vec, cols, WRITE_Y><<<plan.grid, plan.block, 0, stream>>>(args);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, bool HAS_GY>
 void launch_backward(const Plan& plan, const BackwardArgs<scalar_t>& args) {
-  constexpr int V = kVec<scalar_t>;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (plan.cols) {
-    if (plan.vec == V) {
-      backward_kernel<scalar_t, V, true, HAS_GY><<<plan.grid, plan.block, 0, stream>>>(args);
-    } else {
-      backward_kernel<scalar_t, 1, true, HAS_GY><<<plan.grid, plan.block, 0, stream>>>(args);
-    }
-  } else {
-    if (plan.vec == V) {
-      backward_kernel<scalar_t, V, false, HAS_GY><<<plan.grid, plan.block, 0, stream>>>(args);
-    } else {
-      backward_kernel<scalar_t, 1, false, HAS_GY><<<plan.grid, plan.block, 0, stream>>>(args);
-    }
-  }
+  dispatch_plan<scalar_t>(plan, [&](auto vec, auto cols) {
+    backward_kernel<scalar_t, vec, cols, HAS_GY><<<plan.grid, plan.block, 0, stream>>>(args);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
