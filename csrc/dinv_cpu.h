@@ -17,6 +17,19 @@
 #include <tuple>
 #include <vector>
 
+// Row kernels in fp32 are also compiled for AVX2 and the dynamic loader picks the variant the CPU
+// supports (GCC function multiversioning): the package is built for baseline x86-64, while ATen
+// dispatches its own kernels to AVX2/AVX-512 at run time. The math helpers the clones call are
+// forced inline so that they are compiled for the clone's target too. Both variants do the same
+// arithmetic in the same order: "avx2" enables no FMA contraction, and every reduction has a
+// fixed lane order.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DINV_ISA_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DINV_ISA_CLONES
+#endif
+#define DINV_INLINE [[gnu::always_inline]] inline
+
 namespace dinv::cpu {
 
 // Accumulation ("acc") type: fp32 for fp16/bf16/fp32, fp64 for fp64.
@@ -64,7 +77,7 @@ inline at::Tensor channel_vector(const at::Tensor& t, int64_t channels, at::Scal
 // The compiler vectorizes the lanes into several accumulator registers, so the loop is not bound
 // by the latency of one chain of additions, and the rounding error grows like n/kLanes, not n.
 template <typename acc, typename Term>
-acc lane_sum(int64_t n, const Term& term) {
+DINV_INLINE acc lane_sum(int64_t n, const Term& term) {
   constexpr int64_t kLanes = 16;
   acc lanes[kLanes] = {};
   int64_t i = 0;
@@ -273,7 +286,7 @@ struct SoftmaxRow {
 // dtype, where accuracy matters more than speed) keeps the library calls.
 //
 // exp_simd: for x <= 88 (softmax exponents are <= 0). Results below FLT_MIN flush to 0.
-inline float exp_simd(float x) {
+DINV_INLINE float exp_simd(float x) {
   constexpr float kMin = -87.33654475f;  // log(FLT_MIN)
   const float xc = std::min(std::max(x, kMin), 88.0f);
   // x = n ln2 + r with |r| <= ln2/2: n rounded to nearest by the 1.5 * 2^23 trick (floor and
@@ -297,7 +310,7 @@ inline double exp_simd(double x) {
 }
 
 // log_simd: for positive normal x (the callers' arguments are clamped probabilities).
-inline float log_simd(float x) {
+DINV_INLINE float log_simd(float x) {
   // x = m 2^e with m in [sqrt(1/2), sqrt(2)), log x = e ln2 + log1p(m - 1).
   const int32_t bits = std::bit_cast<int32_t>(x);
   const float m1 = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
@@ -324,7 +337,8 @@ inline double log_simd(double x) {
 // Numerically stable softmax of one row of z = logits / T: writes z[0 .. classes) and
 // prob[0 .. classes); z may be prob (then only the probabilities remain).
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
-SoftmaxRow<acc> softmax_row(const scalar_t* logits, int64_t classes, acc T, acc* z, acc* prob) {
+DINV_INLINE SoftmaxRow<acc> softmax_row(const scalar_t* logits, int64_t classes, acc T, acc* z,
+                                        acc* prob) {
   acc max_z = -std::numeric_limits<acc>::infinity();
 #pragma omp simd reduction(max : max_z)
   for (int64_t j = 0; j < classes; ++j) {

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "dinv_cpu.h"
 
@@ -11,23 +12,68 @@ namespace {
 
 // log q_j − log p_j of a row from the scaled logits and their softmax normalizations.
 template <typename acc>
-acc log_ratio(acc zt, acc zs, const SoftmaxRow<acc>& qs, const SoftmaxRow<acc>& ps) {
+DINV_INLINE acc log_ratio(acc zt, acc zs, const SoftmaxRow<acc>& qs, const SoftmaxRow<acc>& ps) {
   return ((zt - qs.max_z) - qs.log_sum) - ((zs - ps.max_z) - ps.log_sum);
+}
+
+// Rows use a scratch of 4K acc values: z = logits / T of both rows and their softmaxes p and q.
+constexpr int64_t kScratchRows = 4;
+
+// r = Σ_j q_j (log q_j − log p_j) of one row.
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+DINV_INLINE acc kd_row(const scalar_t* s, const scalar_t* t, int64_t K, acc T, acc* scratch) {
+  acc *zs = scratch, *zt = zs + K, *p = zt + K, *q = p + K;
+  const auto ps = softmax_row(s, K, T, zs, p);
+  const auto qs = softmax_row(t, K, T, zt, q);
+  return lane_sum<acc>(K, [&](int64_t j) {
+    // xlogy: an underflowed q_j contributes 0, not NaN
+    return q[j] == acc(0) ? acc(0) : q[j] * log_ratio(zt[j], zs[j], qs, ps);
+  });
+}
+
+// ds_j = g/T (p_j − q_j), dt_j = g/T q_j (a_j − Σ_k q_k a_k) of one row, a = log q − log p.
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+DINV_INLINE void kd_row_backward(acc grad, const scalar_t* s, const scalar_t* t, int64_t K,
+                                 acc T, acc* scratch, scalar_t* ds, scalar_t* dt) {
+  acc *zs = scratch, *zt = zs + K, *p = zt + K, *q = p + K;
+  const auto ps = softmax_row(s, K, T, zs, p);
+  const auto qs = softmax_row(t, K, T, zt, q);
+  const acc scale = grad / T;
+  acc* a = zs;  // a_j = log q_j − log p_j, written over zs
+#pragma omp simd
+  for (int64_t j = 0; j < K; ++j) {
+    ds[j] = static_cast<scalar_t>(scale * (p[j] - q[j]));
+    a[j] = log_ratio(zt[j], zs[j], qs, ps);
+  }
+  const acc q_dot_a =
+      lane_sum<acc>(K, [&](int64_t j) { return q[j] == acc(0) ? acc(0) : q[j] * a[j]; });
+#pragma omp simd
+  for (int64_t j = 0; j < K; ++j) {
+    const acc g = scale * q[j] * (a[j] - q_dot_a);  // unconditional: the select vectorizes
+    dt[j] = static_cast<scalar_t>(q[j] == acc(0) ? acc(0) : g);
+  }
+}
+
+DINV_ISA_CLONES float kd_row_fp32(const float* s, const float* t, int64_t K, float T,
+                                  float* scratch) {
+  return kd_row(s, t, K, T, scratch);
+}
+
+DINV_ISA_CLONES void kd_row_backward_fp32(float grad, const float* s, const float* t, int64_t K,
+                                          float T, float* scratch, float* ds, float* dt) {
+  kd_row_backward(grad, s, t, K, T, scratch, ds, dt);
 }
 
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 void kd_rows_kernel(const RowLogits& logits, acc T, acc* out) {
   const int64_t K = logits.classes();
-  // Scratch: z = logits / T of both rows and their softmaxes p and q.
-  for_each_row<scalar_t>(logits, 4, [&](int64_t b, const scalar_t* s, const scalar_t* t,
-                                        acc* scratch) {
-    acc *zs = scratch, *zt = zs + K, *p = zt + K, *q = p + K;
-    const auto ps = softmax_row(s, K, T, zs, p);
-    const auto qs = softmax_row(t, K, T, zt, q);
-    out[b] = lane_sum<acc>(K, [&](int64_t j) {
-      // xlogy: an underflowed q_j contributes 0, not NaN
-      return q[j] == acc(0) ? acc(0) : q[j] * log_ratio(zt[j], zs[j], qs, ps);
-    });
+  for_each_row<scalar_t>(logits, kScratchRows, [&](int64_t b, const scalar_t* s,
+                                                   const scalar_t* t, acc* scratch) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      out[b] = kd_row_fp32(s, t, K, T, scratch);
+    } else {
+      out[b] = kd_row(s, t, K, T, scratch);
+    }
   });
 }
 
@@ -35,27 +81,14 @@ template <typename scalar_t, typename acc = acc_t<scalar_t>>
 void kd_rows_backward_kernel(const acc* grad_rows, const RowLogits& logits, acc T,
                              scalar_t* grad_student, scalar_t* grad_teacher) {
   const int64_t K = logits.classes();
-  // Scratch: z = logits / T of both rows and their softmaxes p and q.
-  for_each_row<scalar_t>(logits, 4, [&](int64_t b, const scalar_t* s, const scalar_t* t,
-                                        acc* scratch) {
-    acc *zs = scratch, *zt = zs + K, *p = zt + K, *q = p + K;
-    const auto ps = softmax_row(s, K, T, zs, p);
-    const auto qs = softmax_row(t, K, T, zt, q);
-    const acc scale = grad_rows[b] / T;
+  for_each_row<scalar_t>(logits, kScratchRows, [&](int64_t b, const scalar_t* s,
+                                                   const scalar_t* t, acc* scratch) {
     scalar_t* ds = grad_student + b * K;
     scalar_t* dt = grad_teacher + b * K;
-    acc* a = zs;  // a_j = log q_j − log p_j, written over zs
-#pragma omp simd
-    for (int64_t j = 0; j < K; ++j) {
-      ds[j] = static_cast<scalar_t>(scale * (p[j] - q[j]));
-      a[j] = log_ratio(zt[j], zs[j], qs, ps);
-    }
-    const acc q_dot_a =
-        lane_sum<acc>(K, [&](int64_t j) { return q[j] == acc(0) ? acc(0) : q[j] * a[j]; });
-#pragma omp simd
-    for (int64_t j = 0; j < K; ++j) {
-      const acc grad = scale * q[j] * (a[j] - q_dot_a);  // unconditional: the select vectorizes
-      dt[j] = static_cast<scalar_t>(q[j] == acc(0) ? acc(0) : grad);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      kd_row_backward_fp32(grad_rows[b], s, t, K, T, scratch, ds, dt);
+    } else {
+      kd_row_backward(grad_rows[b], s, t, K, T, scratch, ds, dt);
     }
   });
 }
