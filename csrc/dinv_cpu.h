@@ -15,6 +15,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 // Row kernels in fp32 are also compiled for AVX2 and the dynamic loader picks the variant the CPU
@@ -236,37 +237,60 @@ void for_each_row(const RowLogits& logits, int64_t scratch_rows, const Row& row)
   });
 }
 
-// The host side of a row op's forward: checks, the acc [B] output and the dispatch on the
-// logits' dtype; launch(scalar_t{}, logits, T, out) runs the kernel.
-template <typename Launch>
+// A row op's forward: checks, the acc [B] output, and out[b] = row(s_b, t_b, K, T, scratch) for
+// every row, with a scratch of scratch_rows * K acc values. fp32 rows call row_fp32 instead: the
+// op's fp32 instance of `row` compiled with DINV_ISA_CLONES.
+template <typename Row, typename RowFp32>
 at::Tensor rows_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                        double T, const Launch& launch) {
+                        double T, int64_t scratch_rows, const Row& row, RowFp32 row_fp32) {
   const RowLogits logits = row_logits(student_logits, teacher_logits, T);
   const auto dtype = logits.student.scalar_type();
+  const int64_t K = logits.classes();
   at::Tensor out = at::empty({logits.rows()}, logits.student.options().dtype(acc_dtype(dtype)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dinv_rows", [&] {
     using acc = acc_t<scalar_t>;
-    launch(scalar_t{}, logits, static_cast<acc>(T), out.mutable_data_ptr<acc>());
+    const acc T_acc = static_cast<acc>(T);
+    acc* values = out.mutable_data_ptr<acc>();
+    for_each_row<scalar_t>(logits, scratch_rows, [&](int64_t b, const scalar_t* s,
+                                                     const scalar_t* t, acc* scratch) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        values[b] = row_fp32(s, t, K, T_acc, scratch);
+      } else {
+        values[b] = row(s, t, K, T_acc, scratch);
+      }
+    });
   });
   return out;
 }
 
-// The backward's: launch(scalar_t{}, grad_rows, logits, T, grad_student, grad_teacher) writes the
-// gradients, returned in each input's own dtype (they differ only when the logits' dtypes do).
-template <typename Launch>
+// The backward: row(g_b, s_b, t_b, K, T, scratch, ds_b, dt_b) writes each row's gradients, returned
+// in each input's own dtype (they differ only when the logits' dtypes do).
+template <typename Row, typename RowFp32>
 std::tuple<at::Tensor, at::Tensor> rows_backward(const at::Tensor& grad_rows,
                                                  const at::Tensor& student_logits,
                                                  const at::Tensor& teacher_logits, double T,
-                                                 const Launch& launch) {
+                                                 int64_t scratch_rows, const Row& row,
+                                                 RowFp32 row_fp32) {
   const RowLogits logits = row_logits(student_logits, teacher_logits, T);
   const auto dtype = logits.student.scalar_type();
+  const int64_t K = logits.classes();
   const at::Tensor grads = row_grads(grad_rows, logits.rows(), acc_dtype(dtype));
   at::Tensor grad_student = at::empty(logits.student.sizes(), logits.student.options());
   at::Tensor grad_teacher = at::empty(logits.teacher.sizes(), logits.teacher.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dinv_rows_backward", [&] {
     using acc = acc_t<scalar_t>;
-    launch(scalar_t{}, grads.const_data_ptr<acc>(), logits, static_cast<acc>(T),
-           grad_student.mutable_data_ptr<scalar_t>(), grad_teacher.mutable_data_ptr<scalar_t>());
+    const acc T_acc = static_cast<acc>(T);
+    const acc* g = grads.const_data_ptr<acc>();
+    scalar_t* ds = grad_student.mutable_data_ptr<scalar_t>();
+    scalar_t* dt = grad_teacher.mutable_data_ptr<scalar_t>();
+    for_each_row<scalar_t>(logits, scratch_rows, [&](int64_t b, const scalar_t* s,
+                                                     const scalar_t* t, acc* scratch) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        row_fp32(g[b], s, t, K, T_acc, scratch, ds + b * K, dt + b * K);
+      } else {
+        row(g[b], s, t, K, T_acc, scratch, ds + b * K, dt + b * K);
+      }
+    });
   });
   return {grad_student.to(student_logits.scalar_type()),
           grad_teacher.to(teacher_logits.scalar_type())};

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <tuple>
-#include <type_traits>
 
 #include "dinv_cpu.h"
 
@@ -83,50 +82,23 @@ DINV_ISA_CLONES void js_row_backward_fp32(float grad, const float* s, const floa
   js_row_backward(grad, s, t, K, T, scratch, ds, dt);
 }
 
-template <typename scalar_t, typename acc = acc_t<scalar_t>>
-void js_rows_kernel(const RowLogits& logits, acc T, acc* out) {
-  const int64_t K = logits.classes();
-  for_each_row<scalar_t>(logits, kScratchRows, [&](int64_t b, const scalar_t* s,
-                                                   const scalar_t* t, acc* scratch) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      out[b] = js_row_fp32(s, t, K, T, scratch);
-    } else {
-      out[b] = js_row(s, t, K, T, scratch);
-    }
-  });
-}
-
-template <typename scalar_t, typename acc = acc_t<scalar_t>>
-void js_rows_backward_kernel(const acc* grad_rows, const RowLogits& logits, acc T,
-                             scalar_t* grad_student, scalar_t* grad_teacher) {
-  const int64_t K = logits.classes();
-  for_each_row<scalar_t>(logits, kScratchRows, [&](int64_t b, const scalar_t* s,
-                                                   const scalar_t* t, acc* scratch) {
-    scalar_t* ds = grad_student + b * K;
-    scalar_t* dt = grad_teacher + b * K;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      js_row_backward_fp32(grad_rows[b], s, t, K, T, scratch, ds, dt);
-    } else {
-      js_row_backward(grad_rows[b], s, t, K, T, scratch, ds, dt);
-    }
-  });
-}
-
 at::Tensor js_rows(const at::Tensor& student_logits, const at::Tensor& teacher_logits, double T) {
-  return rows_forward(student_logits, teacher_logits, T,
-                      [](auto tag, const RowLogits& logits, auto T_acc, auto* out) {
-    js_rows_kernel<decltype(tag)>(logits, T_acc, out);
-  });
+  return rows_forward(
+      student_logits, teacher_logits, T, kScratchRows,
+      [](const auto* s, const auto* t, int64_t K, auto T_acc, auto* scratch) {
+        return js_row(s, t, K, T_acc, scratch);
+      },
+      js_row_fp32);
 }
 
 std::tuple<at::Tensor, at::Tensor> js_rows_backward(const at::Tensor& grad_rows,
                                                     const at::Tensor& student_logits,
                                                     const at::Tensor& teacher_logits, double T) {
-  return rows_backward(grad_rows, student_logits, teacher_logits, T,
-                       [](auto tag, const auto* grads, const RowLogits& logits, auto T_acc,
-                          auto* grad_student, auto* grad_teacher) {
-    js_rows_backward_kernel<decltype(tag)>(grads, logits, T_acc, grad_student, grad_teacher);
-  });
+  return rows_backward(
+      grad_rows, student_logits, teacher_logits, T, kScratchRows,
+      [](auto grad, const auto* s, const auto* t, int64_t K, auto T_acc, auto* scratch, auto* ds,
+         auto* dt) { js_row_backward(grad, s, t, K, T_acc, scratch, ds, dt); },
+      js_row_backward_fp32);
 }
 
 }  // namespace

@@ -3,7 +3,6 @@
 #include <torch/library.h>
 
 #include <tuple>
-#include <type_traits>
 
 #include "dinv_cpu.h"
 
@@ -64,50 +63,23 @@ DINV_ISA_CLONES void kd_row_backward_fp32(float grad, const float* s, const floa
   kd_row_backward(grad, s, t, K, T, scratch, ds, dt);
 }
 
-template <typename scalar_t, typename acc = acc_t<scalar_t>>
-void kd_rows_kernel(const RowLogits& logits, acc T, acc* out) {
-  const int64_t K = logits.classes();
-  for_each_row<scalar_t>(logits, kScratchRows, [&](int64_t b, const scalar_t* s,
-                                                   const scalar_t* t, acc* scratch) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      out[b] = kd_row_fp32(s, t, K, T, scratch);
-    } else {
-      out[b] = kd_row(s, t, K, T, scratch);
-    }
-  });
-}
-
-template <typename scalar_t, typename acc = acc_t<scalar_t>>
-void kd_rows_backward_kernel(const acc* grad_rows, const RowLogits& logits, acc T,
-                             scalar_t* grad_student, scalar_t* grad_teacher) {
-  const int64_t K = logits.classes();
-  for_each_row<scalar_t>(logits, kScratchRows, [&](int64_t b, const scalar_t* s,
-                                                   const scalar_t* t, acc* scratch) {
-    scalar_t* ds = grad_student + b * K;
-    scalar_t* dt = grad_teacher + b * K;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      kd_row_backward_fp32(grad_rows[b], s, t, K, T, scratch, ds, dt);
-    } else {
-      kd_row_backward(grad_rows[b], s, t, K, T, scratch, ds, dt);
-    }
-  });
-}
-
 at::Tensor kd_rows(const at::Tensor& student_logits, const at::Tensor& teacher_logits, double T) {
-  return rows_forward(student_logits, teacher_logits, T,
-                      [](auto tag, const RowLogits& logits, auto T_acc, auto* out) {
-    kd_rows_kernel<decltype(tag)>(logits, T_acc, out);
-  });
+  return rows_forward(
+      student_logits, teacher_logits, T, kScratchRows,
+      [](const auto* s, const auto* t, int64_t K, auto T_acc, auto* scratch) {
+        return kd_row(s, t, K, T_acc, scratch);
+      },
+      kd_row_fp32);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_rows_backward(const at::Tensor& grad_rows,
                                                     const at::Tensor& student_logits,
                                                     const at::Tensor& teacher_logits, double T) {
-  return rows_backward(grad_rows, student_logits, teacher_logits, T,
-                       [](auto tag, const auto* grads, const RowLogits& logits, auto T_acc,
-                          auto* grad_student, auto* grad_teacher) {
-    kd_rows_backward_kernel<decltype(tag)>(grads, logits, T_acc, grad_student, grad_teacher);
-  });
+  return rows_backward(
+      grad_rows, student_logits, teacher_logits, T, kScratchRows,
+      [](auto grad, const auto* s, const auto* t, int64_t K, auto T_acc, auto* scratch, auto* ds,
+         auto* dt) { kd_row_backward(grad, s, t, K, T_acc, scratch, ds, dt); },
+      kd_row_backward_fp32);
 }
 
 }  // namespace

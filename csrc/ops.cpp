@@ -37,7 +37,8 @@ TORCH_LIBRARY(dinv, m) {
       "Tensor? weight, Tensor running_var, float eps) -> Tensor",
       kFlexibleLayout);
   m.def("image_prior_sums(Tensor x) -> (Tensor, Tensor)", kFlexibleLayout);
-  m.def("image_prior_backward(Tensor x, Tensor tv_coef, Tensor sq_coef) -> Tensor", kFlexibleLayout);
+  m.def("image_prior_backward(Tensor x, Tensor tv_coef, Tensor sq_coef) -> Tensor",
+        kFlexibleLayout);
   m.def(
       "js_rows(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
       kFlexibleLayout);
