@@ -68,9 +68,9 @@ def image_prior(x: torch.Tensor) -> ImagePrior:
     if backend == "reference":
         return image_prior_reference(x)
     tv, sq = _backends.primitives(backend).image_prior_sums(x)
-    present = [k for k, count in enumerate(difference_counts(x)) if count > 0]
-    divisors = torch.tensor([difference_counts(x)[k] for k in present], dtype=tv.dtype,
-                            device=tv.device)
+    counts = difference_counts(x)
+    present = [k for k, count in enumerate(counts) if count > 0]  # H or W == 1 empties some
+    divisors = torch.tensor([counts[k] for k in present], dtype=tv.dtype, device=tv.device)
     tv_l1 = (tv[0, present] / divisors).sum()
     tv_l2 = _safe_sqrt(tv[1, present]).sum()
     l2 = _safe_sqrt(sq).mean() if x.shape[0] else sq.sum()
