@@ -159,7 +159,8 @@ class ReferenceInversion:
 
     def get_images(self, targets, iterations, inputs, rng=random, callback=None, every=1):
         """`inputs`: the start images (the reference draws torch.randn); `rng`: the source of the
-        jitter/flip draws (the reference uses the global `random` module)."""
+        jitter/flip draws (the reference uses the global `random` module); `callback(iteration,
+        loss, images)` every `every` iterations (the harness's timestamps)."""
         # Runners share the teacher: set its parameters as this configuration has them.
         for p in self.net_teacher.parameters():
             p.requires_grad_(self.teacher_requires_grad)
@@ -191,7 +192,7 @@ class ReferenceInversion:
             if best_cost > loss.item() or iteration == 1:
                 best_inputs = inputs.data.clone()
             if callback is not None and iteration % every == 0:
-                callback(iteration, loss)
+                callback(iteration, loss, inputs.detach())
         return best_inputs
 
     def close(self):
@@ -423,7 +424,7 @@ class DinvRunner:
         self.inv.log = LossLog()
         with dinv_jitter_seed(seed):
             self.inv.invert(targets, iterations=iterations, seed=seed, init=init,
-                            callback=lambda i, images, terms: callback(i, terms.get("loss")))
+                            callback=lambda i, images, terms: callback(i, terms["loss"], images))
 
     def close(self):
         self.inv.close()
@@ -447,7 +448,7 @@ def timed_call(runner, device, targets, iterations, init, seed, every, want_loss
     loss at the first timestamp)."""
     stamps, its, losses = [], [], []
 
-    def callback(iteration, loss):
+    def callback(iteration, loss, images):
         _sync(device)
         stamps.append(time.perf_counter())
         its.append(iteration)
@@ -594,7 +595,7 @@ def profile_iteration(runner, device, targets, init, seed, rows) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     prof = profile(activities=activities)
 
-    def callback(iteration, loss):
+    def callback(iteration, loss, images):
         _sync(device)
         if iteration == 1:
             prof.start()
