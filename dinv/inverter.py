@@ -27,6 +27,7 @@ SETTINGS = {
     2: (((1, 20000),), (0.9, 0.999), False),         # closest to the paper's experiments
 }
 WARMUP_ITERATIONS = 100
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
 class InversionDiverged(FloatingPointError):
@@ -279,7 +280,11 @@ class Inverter:
         try:
             with frozen(self.teacher, student), self.statistics:
                 for factor, n_iter in stages:
-                    optimizer = torch.optim.Adam([images], lr=c.lr, betas=betas, eps=1e-8)
+                    # fused: one kernel per step, and no per-step host sync (the unfused Adam
+                    # reads its step count with .item(); GradScaler skips its inf check .item()
+                    # for fused optimizers, which take the scale and inf flag themselves).
+                    optimizer = torch.optim.Adam([images], lr=c.lr, betas=betas, eps=1e-8,
+                                                 fused=self.device.type in FUSED_ADAM_DEVICES)
                     jitter.limit = self.jitter // factor
                     best = images.detach().clone()
                     best_cost = torch.full((shape[0],), math.inf, device=self.device)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dinv
 from dinv.augment import gather_hw, jitter_flip_indices
@@ -147,6 +148,58 @@ def test_compiled_step_matches_eager():
         [0, 1, 2], iterations=4, seed=5)
     assert not counters["graph_break"]
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (.item(), float(t), bool(t), `if t:`): on a
+    GPU each one waits for every queued kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _host_syncs(inv, iterations, **kwargs):
+    """Host reads of device values in one invert call; on CUDA also the synchronizing copies
+    that torch.cuda's sync debug mode reports."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, _ScalarReads() as reads:
+        warnings.simplefilter("always")
+        if inv.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            inv.invert([0, 1, 2, 3], iterations=iterations, seed=0, **kwargs)
+        finally:
+            if inv.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    return reads.count + sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("options", [dict(fused_bn=False), dict(fused_bn=True),
+                                     dict(fused_bn=True, adi_scale=0.5),
+                                     dict(fused_bn=True, amp_dtype=torch.float16)],
+                         ids=["hooks", "fused-bn", "adi", "fp16"])
+def test_no_host_sync_between_logged_iterations(device, options):
+    """The iteration loop never makes the host wait for the device: best-image tracking, NaN
+    detection, the learning-rate schedule, the jitter indices, the optimizer step and (fp16)
+    the loss scaler stay on the device, and values are read only every `log_every` iterations.
+    So the reads in a call do not grow with its iterations (only the last one is logged)."""
+    if options.get("amp_dtype") == torch.float16 and device == "cpu":
+        options = dict(options, amp_dtype=torch.bfloat16)  # CPU autocast: bf16
+    net = tiny_net().to(device)
+    student = tiny_net(seed=3).to(device) if options.get("adi_scale") else None
+    inv = dinv.Inverter(net, image_shape=(3, 8, 8), jitter=2, log_every=1000, **options)
+    short = _host_syncs(inv, 3, student=student)
+    long = _host_syncs(inv, 9, student=student)
+    assert short > 0  # the counter sees the final log's reads
+    assert long == short
 
 
 def _teacher_state(net):
