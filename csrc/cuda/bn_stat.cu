@@ -10,7 +10,7 @@
 //    rows (n, s) of a chunk.
 // Statistics are Welford/Chan: per thread in registers, merged per block in a fixed order, and
 // when a channel spans several chunks the per-chunk partials are merged by a second small kernel
-// (deterministic, no atomics).
+// (no atomics: deterministic for a given shape and SM count, which sets the chunking).
 #include "dinv_cuda.cuh"
 
 #include <torch/library.h>
@@ -256,18 +256,19 @@ __global__ void __launch_bounds__(kBlock) stats_kernel(StatsArgs<scalar_t> a) {
   }
 }
 
-// Merges the [C, chunks] partials in chunk order: one warp per channel.
+// Merges the [C, chunks] partials in a fixed order: one block per channel (the channels_last
+// plans leave thousands of partials per channel, too many for a warp to merge serially).
 template <typename acc>
 __global__ void __launch_bounds__(kBlock)
-    stats_finalize_kernel(const Welford<acc>* __restrict__ part, int64_t C, int64_t chunks,
+    stats_finalize_kernel(const Welford<acc>* __restrict__ part, int64_t chunks,
                           acc* __restrict__ mean, acc* __restrict__ var) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * (kBlock / kWarp) + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (c >= C) return;  // whole warps: c is uniform within a warp
+  const int64_t c = blockIdx.x;
   Welford<acc> w{0, 0, 0};
-  for (int64_t k = lane; k < chunks; k += kWarp) w = WelfordMerge{}(w, part[c * chunks + k]);
-  w = warp_reduce(w, WelfordMerge{});
-  if (lane == 0) {
+  for (int64_t k = threadIdx.x; k < chunks; k += kBlock) {
+    w = WelfordMerge{}(w, part[c * chunks + k]);
+  }
+  w = block_reduce(w, WelfordMerge{}, Welford<acc>{0, 0, 0});
+  if (threadIdx.x == 0) {
     mean[c] = w.mean;
     var[c] = w.m2 / w.n;
   }
@@ -588,10 +589,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_impl(const at::Tensor& x,
     }
     if (chunks > 1) {
       const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-      stats_finalize_kernel<acc>
-          <<<static_cast<unsigned>(ceil_div(p.C, kBlock / kWarp)), kBlock, 0, stream>>>(
-              reinterpret_cast<const Welford<acc>*>(part.const_data_ptr<acc>()), p.C, chunks,
-              mean.data_ptr<acc>(), var.data_ptr<acc>());
+      stats_finalize_kernel<acc><<<static_cast<unsigned>(p.C), kBlock, 0, stream>>>(
+          reinterpret_cast<const Welford<acc>*>(part.const_data_ptr<acc>()), chunks,
+          mean.data_ptr<acc>(), var.data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -10,7 +10,8 @@
 // Work units are numbered image by image, so the units of one image are a contiguous range in
 // either order. The forward gives every image the same number of blocks and keeps each block
 // inside its image: a block's partial Σx² then belongs to one image, and a second small kernel
-// sums the blocks' partials in an order fixed by the shape (no atomics, deterministic).
+// sums the blocks' partials in an order fixed by the shape and the SM count (no atomics:
+// deterministic on a given device model).
 #include "dinv_cuda.cuh"
 
 #include <torch/library.h>

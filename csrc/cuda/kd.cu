@@ -11,10 +11,11 @@ namespace dinv::gpu {
 namespace {
 
 // q_j*a_j with a_j = log q_j − log p_j, and 0 where q_j == 0 (xlogy convention: an underflowed
-// or −inf teacher logit contributes nothing rather than 0*(−inf) = NaN).
+// or −inf teacher logit contributes nothing rather than 0*(−inf) = NaN). A NaN q (a NaN or +inf
+// teacher logit) stays NaN, as on CPU: `q > 0 ? ...` would have silently zeroed the row.
 template <typename acc>
 __device__ __forceinline__ acc kd_term(acc q, acc a) {
-  return q > acc(0) ? q * a : acc(0);
+  return q == acc(0) ? acc(0) : q * a;
 }
 
 // This thread's share of row b's KL, Σ_j q_j*a_j: the terms j = threadIdx.x + i*blockDim.x.

@@ -179,6 +179,51 @@ def test_tv_gradient_finite_on_constant_image(backend):
     assert torch.isfinite(grad).all() and grad.abs().max() == 0
 
 
+def _device_of(param):
+    return "cuda" if param.id.endswith("-cuda") else "cpu"
+
+
+@pytest.mark.parametrize("backend,device", [
+    pytest.param(p.values[0], _device_of(p), marks=p.marks, id=p.id)
+    for p in backend_params() + backend_params("cuda")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_inputs_stay_non_finite(backend, device, bad):
+    """A NaN/inf in the input makes exactly the reference's outputs non-finite (a teacher or
+    image gone bad must surface, not be zeroed away by a select such as `q > 0 ? … : 0`)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 5, 6, generator=g)
+    x[1, 2, 3, 4] = bad
+    s, t = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    t_bad, s_bad = t.clone(), s.clone()
+    t_bad[1, 2] = bad
+    s_bad[2, 5] = bad
+    rm, rv = torch.zeros(4), torch.ones(4)
+    cases = {
+        "channel_stats": (ops.channel_stats, (x,)),
+        "bn_stat_loss": (lambda x: ops.bn_stat_loss(x, rm.to(x.device), rv.to(x.device)), (x,)),
+        "bn_inversion": (lambda x: ops.bn_inversion(x, rv.to(x.device), rm.to(x.device),
+                                                    rm.to(x.device), rv.to(x.device), 1e-5), (x,)),
+        "image_prior": (ops.image_prior, (x,)),
+        "kd teacher": (ops.kd_loss, (s, t_bad)),
+        "kd student": (ops.kd_loss, (s_bad, t)),
+        "js teacher": (ops.js_competition, (s, t_bad)),
+        "js student": (ops.js_competition, (s_bad, t)),
+    }
+    for name, (fn, args) in cases.items():
+        args = [a.to(device) for a in args]
+        with ops.use_backend(backend):
+            got = fn(*args)
+        with ops.use_backend("reference"):
+            want = fn(*args)
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        assert any((~torch.isfinite(w)).any() for w in want), name  # the case is not vacuous
+        # Which entries are non-finite, not NaN vs inf: a Welford mean turns x = inf into NaN
+        # (inf − inf in its update) where the reference's sum gives inf.
+        for g_, w in zip(got, want):
+            assert torch.equal(torch.isfinite(g_).cpu(), torch.isfinite(w).cpu()), (name, g_, w)
+
+
 # -- on a GPU: the same parity for the CUDA kernels and Triton --------------------------------
 @pytest.mark.parametrize("backend", backend_params("cuda"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
