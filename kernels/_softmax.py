@@ -13,13 +13,13 @@ def row_max_and_sum(row_ptr, stride, K, T, ACC: tl.constexpr, BLOCK: tl.constexp
     sum of the shifted exponentials (a stable softmax)."""
     max_lanes = tl.full([BLOCK], float("-inf"), ACC)
     for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
+        cols = (k0 + tl.arange(0, BLOCK)).to(tl.int64)  # cols * stride: int64 addresses
         z = tl.load(row_ptr + cols * stride, mask=cols < K, other=float("-inf")).to(ACC) / T
         max_lanes = tl.maximum(max_lanes, z)
     row_max = tl.max(max_lanes, 0)
     sum_lanes = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
+        cols = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         z = tl.load(row_ptr + cols * stride, mask=cols < K, other=float("-inf")).to(ACC) / T
         sum_lanes += tl.exp(z - row_max)
     return row_max, tl.sum(sum_lanes, 0)

@@ -204,6 +204,15 @@ def _tile_shape(C, M, stride_c):
     return max(1, min(triton.next_power_of_2(C), _TILE // block_m)), block_m
 
 
+def _check_grid(C, M, block_c):
+    # Element indices within a channel are int32 in the kernels (a tile's start plus its lanes):
+    # the last tile's lanes must stay below 2^31. Channel blocks run on grid axis 1 (<= 65535).
+    check(M <= 2**31 - 1 - _TILE,
+          f"x has {M} elements per channel, more than this kernel indexes")
+    check(triton.cdiv(C, block_c) <= 65535,
+          f"x has {C} channels of {M} elements, more than this kernel's grid holds")
+
+
 def _check_x(x):
     check(x.dim() >= 2, f"expected x of shape [N, C, ...], got {tuple(x.shape)}")
     check_float(x, "x")
@@ -215,12 +224,12 @@ def _stats(x, bn=None):
     N, C, S = _ncs_shape(x)
     M = N * S
     acc = acc_dtype(x.dtype)
-    check(M < 2**31, f"x has {M} elements per channel, more than this kernel indexes")
     if x.numel() == 0:  # no launch: empty mean and variance are NaN, as in torch
         nan = torch.full((C,), float("nan"), dtype=acc, device=x.device)
         return nan, nan.clone()
     x3 = _ncs_input(x)
     block_c, block_m = _tile_shape(C, M, x3.stride(1))
+    _check_grid(C, M, block_c)
     channel_blocks = triton.cdiv(C, block_c)
     num_tiles = triton.cdiv(M, block_m)
     num_chunks = min(num_tiles, triton.cdiv(_TARGET_PROGRAMS, channel_blocks))
@@ -259,7 +268,6 @@ def _stats_backward(x, mean, grad_mean, grad_var, bn=None):
     N, C, S = _ncs_shape(x)
     M = N * S
     _check_channel_params(x, mean=mean, grad_mean=grad_mean, grad_var=grad_var)
-    check(M < 2**31, f"x has {M} elements per channel, more than this kernel indexes")
     dx, dx3 = _ncs_output_like(x)
     if x.numel() == 0:
         return dx
@@ -273,6 +281,7 @@ def _stats_backward(x, mean, grad_mean, grad_var, bn=None):
         grad_y3 = _ncs_input(grad_y)
         weight, running_var = _dense_vector(weight), _dense_vector(running_var)
     block_c, block_m = _tile_shape(C, M, x3.stride(1))
+    _check_grid(C, M, block_c)
     _stats_backward_kernel[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
         x3, grad_y3, dx3, mean, grad_mean, grad_var,
         mean if weight is None else weight, running_var, eps, C, S, M,

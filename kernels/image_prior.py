@@ -15,8 +15,9 @@ import triton.language as tl
 
 from ._common import acc_dtype, check, check_device, check_float
 
-# Elements per program.
-_BLOCK = 1024
+# Elements per program: the row/plane length rounded up to a power of two, within these bounds
+# (a 16x16 plane or a 32-wide channels_last row of 3 channels would leave most of 1024 lanes idle).
+_MIN_BLOCK, _MAX_BLOCK = 128, 1024
 
 
 @triton.jit
@@ -153,14 +154,17 @@ def _check_x(x):
 
 
 def _launch_geometry(x):
-    """(channels_last, inner_size, tiles_per_outer, programs): channels_last when c, not w, is the
-    fastest-moving index in memory."""
+    """(channels_last, inner_size, tiles_per_outer, programs, block): channels_last when c, not w,
+    is the fastest-moving index in memory."""
     N, C, H, W = x.shape
     channels_last = C > 1 and x.stride(1) < x.stride(3)
     outer_size, inner_size = (N * H, W * C) if channels_last else (N * C, H * W)
-    check(inner_size < 2**31, f"an image row or plane of {inner_size} elements is too large")
-    tiles_per_outer = triton.cdiv(inner_size, _BLOCK)
-    return channels_last, inner_size, tiles_per_outer, outer_size * tiles_per_outer
+    block = max(_MIN_BLOCK, min(_MAX_BLOCK, triton.next_power_of_2(inner_size)))
+    # Inner indices are int32 in the kernels: the last tile's lanes must stay below 2^31.
+    check(inner_size <= 2**31 - 1 - block,
+          f"an image row or plane of {inner_size} elements is too large")
+    tiles_per_outer = triton.cdiv(inner_size, block)
+    return channels_last, inner_size, tiles_per_outer, outer_size * tiles_per_outer, block
 
 
 def image_prior_sums(x):
@@ -170,12 +174,12 @@ def image_prior_sums(x):
     if x.numel() == 0:
         return (torch.zeros((2, 4), dtype=acc, device=x.device),
                 torch.zeros(N, dtype=acc, device=x.device))
-    channels_last, inner_size, tiles_per_outer, programs = _launch_geometry(x)
+    channels_last, inner_size, tiles_per_outer, programs, block = _launch_geometry(x)
     # Row p: Σ|d1..d4|, Σd1²..d4², Σx² of program p's elements.
     partials = torch.empty((programs, 9), dtype=acc, device=x.device)
     _image_prior_sums_kernel[(programs,)](
         x, partials, x.shape[1], x.shape[2], x.shape[3], inner_size, tiles_per_outer, *x.stride(),
-        CHANNELS_LAST=channels_last, BLOCK=_BLOCK, num_warps=4)
+        CHANNELS_LAST=channels_last, BLOCK=block, num_warps=max(1, block // 256))
     tv = partials[:, :8].sum(0).view(2, 4)
     # Programs are numbered outer-major and the outer index is n-major in both layouts, so each
     # image's programs are one contiguous block of rows, the same number for every image.
@@ -196,9 +200,9 @@ def image_prior_backward(x, tv_coef, sq_coef):
     acc = acc_dtype(x.dtype)
     tv_coef = tv_coef.to(acc).contiguous()
     sq_coef = sq_coef.to(acc).contiguous()
-    channels_last, inner_size, tiles_per_outer, programs = _launch_geometry(x)
+    channels_last, inner_size, tiles_per_outer, programs, block = _launch_geometry(x)
     _image_prior_backward_kernel[(programs,)](
         x, tv_coef, sq_coef, dx, x.shape[1], x.shape[2], x.shape[3], inner_size, tiles_per_outer,
         *x.stride(), *dx.stride(),
-        CHANNELS_LAST=channels_last, BLOCK=_BLOCK, num_warps=4)
+        CHANNELS_LAST=channels_last, BLOCK=block, num_warps=max(1, block // 256))
     return dx

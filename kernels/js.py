@@ -17,8 +17,10 @@ CLAMP_HI = 0.99
 @triton.jit
 def _clamp(v, LO: tl.constexpr, HI: tl.constexpr):
     # The bounds as tensors of v's dtype: a bare float constant is rounded to fp32 first, which
-    # would move the fp64 bounds.
-    return tl.minimum(tl.maximum(v, tl.full(v.shape, LO, v.dtype)), tl.full(v.shape, HI, v.dtype))
+    # would move the fp64 bounds. NaN propagates, as in torch.clamp (the default min/max would
+    # return the bound and hide a NaN row).
+    low = tl.maximum(v, tl.full(v.shape, LO, v.dtype), propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(low, tl.full(v.shape, HI, v.dtype), propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -46,7 +48,7 @@ def _js_rows_kernel(s_ptr, t_ptr, out_ptr, K, T, s_stride_b, s_stride_k, t_strid
 
     total = tl.zeros([BLOCK], acc)
     for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
+        cols = (k0 + tl.arange(0, BLOCK)).to(tl.int64)  # cols * stride: int64 addresses
         mask = cols < K
         p = _softmax_chunk(s_row, s_stride_k, cols, mask, T, s_max, s_sum, acc)
         q = _softmax_chunk(t_row, t_stride_k, cols, mask, T, t_max, t_sum, acc)
@@ -91,7 +93,7 @@ def _js_rows_backward_kernel(grad_rows_ptr, s_ptr, t_ptr, ds_ptr, dt_ptr, K, T,
     p_dot_lanes = tl.zeros([BLOCK], acc)
     q_dot_lanes = tl.zeros([BLOCK], acc)
     for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
+        cols = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         mask = cols < K
         p, q, grad_p, grad_q = _js_local_grads(s_row, t_row, s_stride_k, t_stride_k, cols, mask,
                                                T, s_max, s_sum, t_max, t_sum, LO, HI, acc)
@@ -103,7 +105,7 @@ def _js_rows_backward_kernel(grad_rows_ptr, s_ptr, t_ptr, ds_ptr, dt_ptr, K, T,
 
     g_over_t = tl.load(grad_rows_ptr + row).to(acc) / T
     for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
+        cols = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         mask = cols < K
         p, q, grad_p, grad_q = _js_local_grads(s_row, t_row, s_stride_k, t_stride_k, cols, mask,
                                                T, s_max, s_sum, t_max, t_sum, LO, HI, acc)

@@ -26,13 +26,14 @@ def _row_kl(s_row, t_row, s_stride, t_stride, K, T, ACC: tl.constexpr, BLOCK: tl
     t_log_sum = tl.log(t_sum)
     total = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
+        cols = (k0 + tl.arange(0, BLOCK)).to(tl.int64)  # cols * stride: int64 addresses
         mask = cols < K
         log_p = _log_softmax_chunk(s_row, s_stride, cols, mask, T, s_max, s_log_sum, ACC)
         log_q = _log_softmax_chunk(t_row, t_stride, cols, mask, T, t_max, t_log_sum, ACC)
         q = tl.exp(log_q)
-        # q == 0 (underflow) counts 0, as xlogy does, and keeps 0·(−inf) out.
-        total += tl.where(mask & (q > 0), q * (log_q - log_p), 0.0)
+        # q == 0 (underflow) counts 0, as xlogy does, and keeps 0·(−inf) out; a NaN q (bad
+        # teacher logit) stays NaN, which `q > 0` would have zeroed.
+        total += tl.where(mask, tl.where(q == 0, 0.0, q * (log_q - log_p)), 0.0)
     return s_max, s_log_sum, t_max, t_log_sum, tl.sum(total, 0)
 
 
@@ -63,13 +64,13 @@ def _kd_rows_backward_kernel(grad_rows_ptr, s_ptr, t_ptr, ds_ptr, dt_ptr, K, T,
 
     g_over_t = tl.load(grad_rows_ptr + row).to(acc) / T
     for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
+        cols = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         mask = cols < K
         log_p = _log_softmax_chunk(s_row, s_stride_k, cols, mask, T, s_max, s_log_sum, acc)
         log_q = _log_softmax_chunk(t_row, t_stride_k, cols, mask, T, t_max, t_log_sum, acc)
         q = tl.exp(log_q)
         ds = g_over_t * (tl.exp(log_p) - q)
-        dt = tl.where(q > 0, g_over_t * q * (log_q - log_p - qa), 0.0)
+        dt = tl.where(q == 0, 0.0, g_over_t * q * (log_q - log_p - qa))
         tl.store(ds_ptr + row * ds_stride_b + cols * ds_stride_k,
                  ds.to(ds_ptr.dtype.element_ty), mask=mask)
         tl.store(dt_ptr + row * dt_stride_b + cols * dt_stride_k,

@@ -99,7 +99,7 @@ def register(ns: str) -> None:
             else grad_tv.to(sq.dtype)
         # d(Σ|d|)/dd = sign(d), d(Σd²)/dd = 2d, d(Σx²)/dx = 2x: the kernel's coefficients carry
         # the factors 2.
-        tv_coef = grad_tv * torch.tensor([[1.0], [2.0]], dtype=sq.dtype, device=sq.device)
+        tv_coef = torch.cat([grad_tv[:1], 2 * grad_tv[1:]])
         return ops.image_prior_backward(x, tv_coef, 2 * _zeros_if_none(grad_sq, sq))
 
     torch.library.register_autograd(lib + "image_prior_sums", prior_backward,

@@ -6,6 +6,8 @@ shapes instead of tracing into Triton launch code.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SCHEMAS = {
@@ -35,6 +37,17 @@ _MODULE_OF = {
 _library = None
 
 
+def _on_input_device(kernel):
+    """Triton launches on the current CUDA device's stream; ops registered from Python get no
+    device guard (the C++ ops take one from their input), so take it here: a model on cuda:1
+    while cuda:0 is current must not launch on the wrong GPU."""
+    @functools.wraps(kernel)
+    def guarded(first, *args):
+        with torch.cuda.device(first.device):
+            return kernel(first, *args)
+    return guarded
+
+
 def register() -> None:
     global _library
     if _library is not None:
@@ -50,7 +63,7 @@ def register() -> None:
         kernel = getattr(importlib.import_module(f"dinv.kernels.{_MODULE_OF[name]}"), name)
         # CPU only matters under TRITON_INTERPRET=1; the dispatcher never sends CPU tensors here
         # otherwise.
-        library.impl(name, kernel, "CUDA")
+        library.impl(name, _on_input_device(kernel), "CUDA")
         library.impl(name, kernel, "CPU")
     _library = library
     _native.register("dinv_triton")

@@ -70,9 +70,11 @@ def image_prior(x: torch.Tensor) -> ImagePrior:
     tv, sq = _backends.primitives(backend).image_prior_sums(x)
     counts = difference_counts(x)
     present = [k for k, count in enumerate(counts) if count > 0]  # H or W == 1 empties some
-    divisors = torch.tensor([counts[k] for k in present], dtype=tv.dtype, device=tv.device)
-    tv_l1 = (tv[0, present] / divisors).sum()
-    tv_l2 = _safe_sqrt(tv[1, present]).sum()
+    # Python-number divisors and slices, no index tensors: a host-to-device copy here would make
+    # every iteration wait for the GPU (and cannot be captured in a CUDA graph). The empty slice's
+    # sum is a 0 that keeps the result in tv's graph when every difference is empty.
+    tv_l1 = sum((tv[0, k] / counts[k] for k in present), tv[0, :0].sum())
+    tv_l2 = sum((_safe_sqrt(tv[1, k]) for k in present), tv[1, :0].sum())
     l2 = _safe_sqrt(sq).mean() if x.shape[0] else sq.sum()
     return ImagePrior(tv_l1, tv_l2, l2)
 

@@ -255,3 +255,21 @@ def test_rows_cuda(backend, dtype, shape):
     t = _inputs(shape, dtype, "contiguous", seed=6, offset=0.0).cuda() * 2
     _check(backend, lambda s, t: ops.js_competition(s, t), [s, t], [0, 1])
     _check(backend, lambda s, t: ops.kd_loss(s, t), [s, t], [0, 1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_ops_run_on_their_inputs_device_not_the_current_one(backend):
+    """Inputs on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (the C++ ops take a
+    device guard, the Triton ops get one at registration)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x = _inputs((4, 8, 6, 6), torch.float32, "contiguous", seed=3).to("cuda:1")
+    s, t = torch.randn(4, 10, device="cuda:1"), torch.randn(4, 10, device="cuda:1")
+    with torch.cuda.device(0), ops.use_backend(backend):
+        got = [*ops.channel_stats(x), *ops.image_prior(x), ops.kd_loss(s, t)]
+    want = [*ops.channel_stats_reference(x), *ops.image_prior_reference(x),
+            ops.kd_loss_reference(s, t)]
+    for g, w in zip(got, want):
+        assert g.device == x.device
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
