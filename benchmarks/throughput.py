@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 from torch import nn, optim
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MEMORY_NOTE = {
@@ -505,6 +506,35 @@ def measure_memory(runner, device, targets, init, seed):
     return peak
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run while `on`, leaving out views and host reads of a value
+    (neither launches a kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.on = False
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on and not func.is_view and func is not torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(runner, targets, init, seed) -> int:
+    """aten ops dispatched in iteration 2 of a 3-iteration call. On a GPU each is at least one
+    kernel launch, so this is the eager launch count that fused ops and batched loss tails cut
+    (measurable on CPU). Not taken for compiled rows: the mode would change what Dynamo traces."""
+    counter = _OpCounter()
+
+    def callback(iteration, loss, images):
+        counter.on = iteration == 1
+
+    with counter:
+        runner.run(targets, 3, init, seed, callback, 1)
+    return counter.count
+
+
 def count_flops(teacher, workload: Workload, device) -> int:
     """Conv/linear/matmul FLOPs of one forward plus the backward w.r.t. the input only (the
     teacher's weights get no gradient), for the workload's batch (counted on a batch of 2 and
@@ -569,6 +599,7 @@ class Result:
     gflops_achieved: float | None = None   # useful FLOPs (fwd + input-grad bwd) per second
     pct_of_peak: float | None = None       # CPU: % of the measured fp32 mm peak; GPU: MFU
     peak_mem_mb: float | None = None
+    ops_per_it: int | None = None          # aten ops (kernel launches on GPU) per eager iteration
     warmup_s: float | None = None          # first iteration of the first call (compile included)
     later_first_it_s: float | None = None  # median first iteration of later calls (re-warm-up)
     loss_it1: float | None = None
@@ -700,7 +731,10 @@ def bench_workload(workload: Workload, config_list, device, args, flops, log, pr
             profiles[(workload.name, name)] = text
             log(f"--- profile of one steady iteration: {workload.name} / {name}\n{text}")
 
+    compiled = {c.name for c in config_list if c.compiles}
     for name, runner in list(runners.items()):
+        if name not in compiled:
+            results[name].ops_per_it = count_ops(runner, targets, init_images(6), 6)
         if args.no_memory:
             runner.close()
             continue
@@ -779,7 +813,8 @@ COLUMNS = [("workload", "workload", 15, "s"), ("config", "config", 14, "s"),
            ("batch", "batch", 5, "d"), ("s_per_it", "ms/it", 9, None),
            ("img_it_per_s", "img*it/s", 9, ".1f"), ("speedup_vs_eager", "x eager", 7, ".2f"),
            ("gflops_achieved", "GFLOP/s", 8, ".1f"), ("pct_of_peak", "%peak", 6, ".1f"),
-           ("peak_mem_mb", "mem MB", 8, ".1f"), ("warmup_s", "warmup s", 8, ".2f"),
+           ("peak_mem_mb", "mem MB", 8, ".1f"), ("ops_per_it", "ops/it", 6, "d"),
+           ("warmup_s", "warmup s", 8, ".2f"),
            ("later_first_it_s", "1st-it s", 8, ".3f"), ("loss_rel_diff", "dloss@1", 8, ".1e")]
 
 
@@ -990,7 +1025,8 @@ def main(argv=None, log=print):
     log(f"ms/it: median steady-state seconds per iteration; x eager: eager ms/it / this ms/it, "
         f"same process; GFLOP/s: conv/linear FLOPs of forward + input-gradient backward per "
         f"second; {'MFU' if device == 'cuda' else '%peak'}: of {peak['gflops']:.0f} GFLOP/s; "
-        f"mem: {MEMORY_NOTE[device]}; warmup s: first iteration of the first call (compile "
+        f"mem: {MEMORY_NOTE[device]}; ops/it: aten ops per eager iteration, views excluded (on "
+        f"a GPU, kernel launches); warmup s: first iteration of the first call (compile "
         f"included); 1st-it s: first iteration of later calls; dloss@1: relative difference of "
         f"the iteration-1 loss from eager's (same images and views).")
     for r in results:

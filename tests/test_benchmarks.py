@@ -34,6 +34,10 @@ def test_throughput_smoke(tmp_path):
         assert r.s_per_it > 0 and r.samples == 2 and r.speedup_vs_eager > 0
         assert r.peak_mem_mb is not None and r.peak_mem_mb > 0
         assert r.warmup_s > 0
+        assert r.ops_per_it > 0
+    # Fused statistics, fused BN and one-pass priors: fewer ops (GPU launches) per iteration.
+    assert rows["ops"].ops_per_it < rows["eager"].ops_per_it
+    assert rows["fused-bn"].ops_per_it < rows["ops"].ops_per_it
     eager = rows["eager"].loss_it1
     for name in TINY_CONFIGS.split(",")[1:]:
         assert rows[name].loss_it1 == pytest.approx(eager, rel=1e-5), name
