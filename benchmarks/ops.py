@@ -13,7 +13,8 @@ For each case every implementation runs `torch.autograd.grad(loss, inputs)` on t
 Timings interleave the implementations in rotated rounds and report medians; "x ref" is the
 eager-ref median over this implementation's median, from the same run. "GB/s" is the minimal
 traffic of the op (each input read once per pass, each output written once; listed per op in
-TRAFFIC) over the time, the figure to compare with the memory bandwidth on GPU.
+TRAFFIC) over the time; "%BW" is that as a share of the machine's measured copy bandwidth (the
+BN-statistic op's GPU target is >= 70 %).
 """
 from __future__ import annotations
 
@@ -315,14 +316,34 @@ def run_case(case: Case, rounds: int, repeats: int, log=print) -> list:
     return list(results.values())
 
 
-def table(results, device) -> str:
-    head = (f"{'case':44s} {'impl':15s} {'ms':>9s} {'x ref':>7s} {'GB/s':>8s} "
+def copy_bandwidth(device, mib=None, repeats=5) -> float:
+    """GB/s of the fastest of `repeats` copies of one large tensor, counting bytes read and
+    written: the memory bandwidth the ops' GB/s is a fraction of (%BW)."""
+    mib = mib or (2048 if device == "cuda" else 256)
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy warms up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def table(results, device, bandwidth) -> str:
+    head = (f"{'case':44s} {'impl':15s} {'ms':>9s} {'x ref':>7s} {'GB/s':>8s} {'%BW':>5s} "
             f"{'dloss':>8s} {'dgrad':>8s}  n")
     lines = [head, "-" * len(head)]
     fmt = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
     for r in results:
+        pct_bw = None if r.gb_per_s is None else 100 * r.gb_per_s / bandwidth
         line = (f"{r.case:44s} {r.impl:15s} {fmt(r.ms, '.3f'):>9s} "
                 f"{fmt(r.speedup_vs_ref, '.2f'):>7s} {fmt(r.gb_per_s, '.1f'):>8s} "
+                f"{fmt(pct_bw, '.0f'):>5s} "
                 f"{fmt(r.loss_rel_diff, '.1e'):>8s} {fmt(r.max_abs_grad_diff, '.1e'):>8s}  "
                 f"{r.samples}")
         if r.status != "ok":
@@ -372,6 +393,8 @@ def main(argv=None, log=print):
         pass
     log(f"# dinv op benchmark  {meta['date']}  torch {meta['torch']}  {device} "
         f"({meta['gpu'] or meta['cpu']}, {meta['threads']} threads, load {meta.get('loadavg')})")
+    meta["copy_gb_per_s"] = copy_bandwidth(device)
+    log(f"# memory bandwidth (best tensor copy, read + write): {meta['copy_gb_per_s']:.1f} GB/s")
     results = []
     for case in selected:
         start = time.perf_counter()
@@ -383,10 +406,10 @@ def main(argv=None, log=print):
         if device == "cuda":
             torch.cuda.empty_cache()
     log("")
-    log(table(results, device))
+    log(table(results, device, meta["copy_gb_per_s"]))
     log("")
     log("x ref: eager-ref ms / this ms (same run); GB/s: minimal traffic (TRAFFIC passes over the "
-        "main input) / time; dloss, dgrad: relative difference from eager-ref (loss; max |grad "
+        "main input) / time; %BW: of the measured copy bandwidth; dloss, dgrad: relative difference from eager-ref (loss; max |grad "
         "diff| / max |ref grad|).")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

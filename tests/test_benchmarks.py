@@ -218,3 +218,13 @@ def test_throughput_smoke_compiled(tmp_path):
     for name in ("ref-compile", "ref-compile-frozen", "compile"):
         assert rows[name].loss_it1 == pytest.approx(rows["eager"].loss_it1, rel=1e-5)
         assert rows[name].dynamo.get("breaks", 0) == 0, rows[name].dynamo
+
+
+def test_ops_bench_main_writes_its_table(tmp_path):
+    lines = []
+    results = ops_bench.main(["--quick", "--ops", "kd_loss", "--rounds", "1", "--repeats", "1",
+                              "--out", str(tmp_path), "--name", "smoke"], log=lines.append)
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert data["meta"]["copy_gb_per_s"] > 0
+    assert len(data["results"]) == len(results) >= 2
+    assert any("%BW" in line for line in lines)
