@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,17 @@ def difference_counts(x: torch.Tensor):
     n, c, h, w = x.shape
     return (n * c * h * (w - 1), n * c * (h - 1) * w, n * c * (h - 1) * (w - 1),
             n * c * (h - 1) * (w - 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _difference_weights(counts, dtype, device):
+    """([4] count_k, or 1 for an empty difference; [4] 1 where difference k has elements, else
+    0) on `device`. Cached per shape: a host-to-device copy on every call would make every
+    iteration wait for the GPU, and cannot be captured in a CUDA graph. (Under torch.compile they
+    are built uncached and become graph constants.)"""
+    divisors = torch.tensor([max(count, 1) for count in counts], dtype=dtype, device=device)
+    present = torch.tensor([float(count > 0) for count in counts], dtype=dtype, device=device)
+    return divisors, present
 
 
 def _safe_sqrt(sum_of_squares: torch.Tensor) -> torch.Tensor:
@@ -68,13 +80,11 @@ def image_prior(x: torch.Tensor) -> ImagePrior:
     if backend == "reference":
         return image_prior_reference(x)
     tv, sq = _backends.primitives(backend).image_prior_sums(x)
-    counts = difference_counts(x)
-    present = [k for k, count in enumerate(counts) if count > 0]  # H or W == 1 empties some
-    # Python-number divisors and slices, no index tensors: a host-to-device copy here would make
-    # every iteration wait for the GPU (and cannot be captured in a CUDA graph). The empty slice's
-    # sum is a 0 that keeps the result in tv's graph when every difference is empty.
-    tv_l1 = sum((tv[0, k] / counts[k] for k in present), tv[0, :0].sum())
-    tv_l2 = sum((_safe_sqrt(tv[1, k]) for k in present), tv[1, :0].sum())
+    make = _difference_weights.__wrapped__ if torch.compiler.is_compiling() else \
+        _difference_weights
+    divisors, present = make(difference_counts(x), tv.dtype, tv.device)
+    tv_l1 = (tv[0] / divisors).sum()
+    tv_l2 = (_safe_sqrt(tv[1]) * present).sum()
     l2 = _safe_sqrt(sq).mean() if x.shape[0] else sq.sum()
     return ImagePrior(tv_l1, tv_l2, l2)
 
