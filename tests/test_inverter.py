@@ -191,8 +191,6 @@ def test_no_host_sync_between_logged_iterations(device, options):
     detection, the learning-rate schedule, the jitter indices, the optimizer step and (fp16)
     the loss scaler stay on the device, and values are read only every `log_every` iterations.
     So the reads in a call do not grow with its iterations (only the last one is logged)."""
-    if options.get("amp_dtype") == torch.float16 and device == "cpu":
-        options = dict(options, amp_dtype=torch.bfloat16)  # CPU autocast: bf16
     net = tiny_net().to(device)
     student = tiny_net(seed=3).to(device) if options.get("adi_scale") else None
     inv = dinv.Inverter(net, image_shape=(3, 8, 8), jitter=2, log_every=1000, **options)
