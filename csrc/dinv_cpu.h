@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorUtils.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <bit>
@@ -237,12 +238,33 @@ void for_each_row(const RowLogits& logits, int64_t scratch_rows, const Row& row)
   });
 }
 
-// A row op's forward: checks, the acc [B] output, and out[b] = row(s_b, t_b, K, T, scratch) for
-// every row, with a scratch of scratch_rows * K acc values. fp32 rows call row_fp32 instead: the
-// op's fp32 instance of `row` compiled with DINV_ISA_CLONES.
-template <typename Row, typename RowFp32>
+// A row op (js.cpp, kd.cpp) is a struct of static members:
+//   kName, kBackwardName                   its schema names;
+//   kScratchRows                           per-row acc scratch, in units of K values;
+//   value(s, t, K, T, scratch) -> acc      the row's value (docs/kernels.md);
+//   grads(g, s, t, K, T, scratch, ds, dt)  writes g times the row's gradients with respect to
+//                                          the student's and the teacher's logits; ds or dt is
+//                                          null for a gradient nobody asked for, whose work
+//                                          grads then skips;
+// value and grads are DINV_INLINE templates over (scalar_t, acc), so that their fp32 instances
+// below, compiled with DINV_ISA_CLONES, inline them. rows_forward<Op> and rows_backward<Op> are
+// the op's kernels, registered under its schema names.
+template <typename Op>
+DINV_ISA_CLONES float row_value_fp32(const float* s, const float* t, int64_t K, float T,
+                                     float* scratch) {
+  return Op::value(s, t, K, T, scratch);
+}
+
+template <typename Op>
+DINV_ISA_CLONES void row_grads_fp32(float grad, const float* s, const float* t, int64_t K,
+                                    float T, float* scratch, float* ds, float* dt) {
+  Op::grads(grad, s, t, K, T, scratch, ds, dt);
+}
+
+// The forward: the acc [B] row values (acc of the logits' promoted dtype).
+template <typename Op>
 at::Tensor rows_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                        double T, int64_t scratch_rows, const Row& row, RowFp32 row_fp32) {
+                        double T) {
   const RowLogits logits = row_logits(student_logits, teacher_logits, T);
   const auto dtype = logits.student.scalar_type();
   const int64_t K = logits.classes();
@@ -251,49 +273,65 @@ at::Tensor rows_forward(const at::Tensor& student_logits, const at::Tensor& teac
     using acc = acc_t<scalar_t>;
     const acc T_acc = static_cast<acc>(T);
     acc* values = out.mutable_data_ptr<acc>();
-    for_each_row<scalar_t>(logits, scratch_rows, [&](int64_t b, const scalar_t* s,
-                                                     const scalar_t* t, acc* scratch) {
+    for_each_row<scalar_t>(logits, Op::kScratchRows, [&](int64_t b, const scalar_t* s,
+                                                         const scalar_t* t, acc* scratch) {
       if constexpr (std::is_same_v<scalar_t, float>) {
-        values[b] = row_fp32(s, t, K, T_acc, scratch);
+        values[b] = row_value_fp32<Op>(s, t, K, T_acc, scratch);
       } else {
-        values[b] = row(s, t, K, T_acc, scratch);
+        values[b] = Op::value(s, t, K, T_acc, scratch);
       }
     });
   });
   return out;
 }
 
-// The backward: row(g_b, s_b, t_b, K, T, scratch, ds_b, dt_b) writes each row's gradients, returned
-// in each input's own dtype (they differ only when the logits' dtypes do).
-template <typename Row, typename RowFp32>
+// A row op's gradient output: contiguous like `logits`, or empty when not asked for.
+inline at::Tensor logit_grad_tensor(const at::Tensor& logits, bool wanted) {
+  return wanted ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+}
+
+// The backward: the gradients of the student's and the teacher's logits, each contiguous in its
+// own logits' dtype (they differ only when the logits' dtypes do); a gradient not asked for
+// (student_grad / teacher_grad false) is an empty tensor and is not computed.
+template <typename Op>
 std::tuple<at::Tensor, at::Tensor> rows_backward(const at::Tensor& grad_rows,
                                                  const at::Tensor& student_logits,
                                                  const at::Tensor& teacher_logits, double T,
-                                                 int64_t scratch_rows, const Row& row,
-                                                 RowFp32 row_fp32) {
+                                                 bool student_grad, bool teacher_grad) {
   const RowLogits logits = row_logits(student_logits, teacher_logits, T);
   const auto dtype = logits.student.scalar_type();
   const int64_t K = logits.classes();
   const at::Tensor grads = row_grads(grad_rows, logits.rows(), acc_dtype(dtype));
-  at::Tensor grad_student = at::empty(logits.student.sizes(), logits.student.options());
-  at::Tensor grad_teacher = at::empty(logits.teacher.sizes(), logits.teacher.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dinv_rows_backward", [&] {
-    using acc = acc_t<scalar_t>;
-    const acc T_acc = static_cast<acc>(T);
-    const acc* g = grads.const_data_ptr<acc>();
-    scalar_t* ds = grad_student.mutable_data_ptr<scalar_t>();
-    scalar_t* dt = grad_teacher.mutable_data_ptr<scalar_t>();
-    for_each_row<scalar_t>(logits, scratch_rows, [&](int64_t b, const scalar_t* s,
-                                                     const scalar_t* t, acc* scratch) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        row_fp32(g[b], s, t, K, T_acc, scratch, ds + b * K, dt + b * K);
-      } else {
-        row(g[b], s, t, K, T_acc, scratch, ds + b * K, dt + b * K);
-      }
+  at::Tensor grad_student = logit_grad_tensor(logits.student, student_grad);
+  at::Tensor grad_teacher = logit_grad_tensor(logits.teacher, teacher_grad);
+  if (student_grad || teacher_grad) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dinv_rows_backward", [&] {
+      using acc = acc_t<scalar_t>;
+      const acc T_acc = static_cast<acc>(T);
+      const acc* g = grads.const_data_ptr<acc>();
+      scalar_t* ds = student_grad ? grad_student.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* dt = teacher_grad ? grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+      for_each_row<scalar_t>(logits, Op::kScratchRows, [&](int64_t b, const scalar_t* s,
+                                                           const scalar_t* t, acc* scratch) {
+        scalar_t* ds_b = ds ? ds + b * K : nullptr;
+        scalar_t* dt_b = dt ? dt + b * K : nullptr;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          row_grads_fp32<Op>(g[b], s, t, K, T_acc, scratch, ds_b, dt_b);
+        } else {
+          Op::grads(g[b], s, t, K, T_acc, scratch, ds_b, dt_b);
+        }
+      });
     });
-  });
+  }
   return {grad_student.to(student_logits.scalar_type()),
           grad_teacher.to(teacher_logits.scalar_type())};
+}
+
+// Registers Op's kernels under its schema names Op::kName and Op::kBackwardName.
+template <typename Op>
+void impl_row_op(torch::Library& m) {
+  m.impl(Op::kName, &rows_forward<Op>);
+  m.impl(Op::kBackwardName, &rows_backward<Op>);
 }
 
 // Normalization of a softmax row: prob[j] = exp(z_j - max_z) / sum and
@@ -302,6 +340,7 @@ template <typename acc>
 struct SoftmaxRow {
   acc max_z;
   acc log_sum;
+  DINV_INLINE acc log_prob(acc z) const { return (z - max_z) - log_sum; }
 };
 
 // exp and log that vectorize. std::exp/std::log are library calls, which keep `#pragma omp simd`
@@ -376,6 +415,23 @@ DINV_INLINE SoftmaxRow<acc> softmax_row(const scalar_t* logits, int64_t classes,
 #pragma omp simd
   for (int64_t j = 0; j < classes; ++j) prob[j] *= inv_sum;
   return {max_z, std::log(sum)};
+}
+
+// The two softmaxes of a row op's row pair, in a scratch of 4K acc values: the scaled logits zs,
+// zt (which the op may overwrite once it has read them) and the probabilities p, q.
+template <typename acc>
+struct RowPair {
+  acc *zs, *zt, *p, *q;
+  SoftmaxRow<acc> ps, qs;
+};
+
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+DINV_INLINE RowPair<acc> row_pair(const scalar_t* s, const scalar_t* t, int64_t K, acc T,
+                                  acc* scratch) {
+  acc *zs = scratch, *zt = zs + K, *p = zt + K, *q = p + K;
+  const SoftmaxRow<acc> ps = softmax_row(s, K, T, zs, p);
+  const SoftmaxRow<acc> qs = softmax_row(t, K, T, zt, q);
+  return {zs, zt, p, q, ps, qs};
 }
 
 }  // namespace dinv::cpu

@@ -129,34 +129,27 @@ void add_tv_grad(const scalar_t* line, const scalar_t* above, const scalar_t* be
   for (int64_t k = 0; k < paired; ++k) grad[k] += c1 * slope(load(line, k) - load(line + right, k));
 #pragma omp simd
   for (int64_t k = step; k < len; ++k) grad[k] -= c1 * slope(load(line - right, k) - load(line, k));
-  if (below) {
-    // first operand of d2 = x[h, w] - x[h+1, w] and of d4 = x[h, w] - x[h+1, w+1];
-    // second operand of d3 = x[h+1, w-1] - x[h, w]
+  // The terms with a neighbouring line `other` (the one below or above) in which this element is
+  // the first operand of (this − other's element in the column) with coefficient c_column and of
+  // (this − other's right-hand element) with c_right, and the second operand of (other's
+  // left-hand element − this) with c_left. (Written as `this − other` for the line above too:
+  // −c·slope(a − b) = c·slope(b − a) exactly.)
+  const auto add_neighbour = [&](const scalar_t* other, acc c_column, acc c_right, acc c_left) {
 #pragma omp simd
-    for (int64_t k = 0; k < len; ++k) grad[k] += c2 * slope(load(line, k) - load(below, k));
+    for (int64_t k = 0; k < len; ++k) grad[k] += c_column * slope(load(line, k) - load(other, k));
 #pragma omp simd
     for (int64_t k = 0; k < paired; ++k) {
-      grad[k] += c4 * slope(load(line, k) - load(below + right, k));
+      grad[k] += c_right * slope(load(line, k) - load(other + right, k));
     }
 #pragma omp simd
     for (int64_t k = step; k < len; ++k) {
-      grad[k] -= c3 * slope(load(below - right, k) - load(line, k));
+      grad[k] -= c_left * slope(load(other - right, k) - load(line, k));
     }
-  }
-  if (above) {
-    // second operand of d2 = x[h-1, w] - x[h, w] and of d4 = x[h-1, w-1] - x[h, w];
-    // first operand of d3 = x[h, w] - x[h-1, w+1]
-#pragma omp simd
-    for (int64_t k = 0; k < len; ++k) grad[k] -= c2 * slope(load(above, k) - load(line, k));
-#pragma omp simd
-    for (int64_t k = 0; k < paired; ++k) {
-      grad[k] += c3 * slope(load(line, k) - load(above + right, k));
-    }
-#pragma omp simd
-    for (int64_t k = step; k < len; ++k) {
-      grad[k] -= c4 * slope(load(above - right, k) - load(line, k));
-    }
-  }
+  };
+  // below: d2 = x[h, w] − x[h+1, w], d4 = x[h, w] − x[h+1, w+1], d3 = x[h+1, w-1] − x[h, w];
+  // above: d2 = x[h-1, w] − x[h, w], d3 = x[h, w] − x[h-1, w+1], d4 = x[h-1, w-1] − x[h, w]
+  if (below) add_neighbour(below, c2, c4, c3);
+  if (above) add_neighbour(above, c2, c3, c4);
 }
 
 // Which terms the backward computes: a family whose four coefficients are all zero (e.g. the

@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -39,18 +40,15 @@ TORCH_LIBRARY(dinv, m) {
   m.def("image_prior_sums(Tensor x) -> (Tensor, Tensor)", kFlexibleLayout);
   m.def("image_prior_backward(Tensor x, Tensor tv_coef, Tensor sq_coef) -> Tensor",
         kFlexibleLayout);
-  m.def(
-      "js_rows(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
-      kFlexibleLayout);
-  m.def(
-      "js_rows_backward(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, float T) "
-      "-> (Tensor, Tensor)",
-      kFlexibleLayout);
-  m.def(
-      "kd_rows(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
-      kFlexibleLayout);
-  m.def(
-      "kd_rows_backward(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, float T) "
-      "-> (Tensor, Tensor)",
-      kFlexibleLayout);
+  // The row ops of docs/kernels.md sections 4 and 5 share their schemas. A backward computes only
+  // the gradients asked for (student_grad, teacher_grad); the other is an empty tensor.
+  for (const char* name : {"js_rows", "jsd_rows", "kd_rows"}) {
+    const std::string op(name);
+    m.def((op + "(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor").c_str(),
+          kFlexibleLayout);
+    m.def((op + "_backward(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, "
+                "float T, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)")
+              .c_str(),
+          kFlexibleLayout);
+  }
 }

@@ -8,6 +8,18 @@ import torch
 from .ops import _backends
 
 
+def _availability(name: str, x: torch.Tensor) -> str:
+    """'available' when backend `name` runs every op on tensors like `x`, else its reasons (per op
+    where they differ between ops, e.g. an extension built before an op existed)."""
+    reasons = {op: _backends.why_not(name, op, [x], forced_here=True) for op in _backends.OPS}
+    distinct = set(reasons.values())
+    if distinct == {None}:
+        return "available"
+    if len(distinct) == 1:
+        return distinct.pop()
+    return "; ".join(f"{op}: {reason or 'available'}" for op, reason in reasons.items())
+
+
 def backends() -> dict:
     """Each backend -> 'available' or the reason it cannot run, for CPU and (if present) CUDA
     fp32 tensors, plus what was built."""
@@ -15,9 +27,9 @@ def backends() -> dict:
     report = {}
     for device in devices:
         x = torch.empty(0, device=device)
-        report[device] = {name: (_backends.why_not(name, [x], forced_here=True) or "available")
-                          for name in _backends.NAMES}
-        report[device]["auto"] = _backends.select(x) if _backends.forced() is None else None
+        report[device] = {name: _availability(name, x) for name in _backends.NAMES}
+        report[device]["auto"] = (_backends.select("channel_stats", x)
+                                  if _backends.forced() is None else None)
     report["forced"] = _backends.forced()
     report["cpp_built_with_cuda"] = _backends.cpp_has_cuda()
     return report

@@ -86,6 +86,18 @@ def _stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr,
 
 
 @triton.jit
+def _chunk_tile(k0, num_chunks, chunk_size, M, C, channels, channel_mask, ACC: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """(mask, element counts, offsets into the [chunks, C] partials) of chunks k0 .. k0+BLOCK_K
+    of `channels`."""
+    chunks = k0 + tl.arange(0, BLOCK_K)
+    mask = (chunks < num_chunks)[:, None] & channel_mask[None, :]
+    counts = tl.minimum(chunk_size, M - chunks.to(tl.int64) * chunk_size).to(ACC)
+    offsets = chunks.to(tl.int64)[:, None] * C + channels[None, :]
+    return mask, counts, offsets
+
+
+@triton.jit
 def _merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, M, num_chunks,
                         chunk_size, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Chan's merge of the per-chunk (count, mean, M2), for all chunks at once: mean = Σ nᵢ·meanᵢ/M,
@@ -96,20 +108,16 @@ def _merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, M, num
 
     weighted_sum = tl.zeros([BLOCK_K, BLOCK_C], acc)
     for k0 in range(0, num_chunks, BLOCK_K):
-        chunks = k0 + tl.arange(0, BLOCK_K)
-        mask = (chunks < num_chunks)[:, None] & channel_mask[None, :]
-        counts = tl.minimum(chunk_size, M - chunks.to(tl.int64) * chunk_size).to(acc)
-        offsets = chunks.to(tl.int64)[:, None] * C + channels[None, :]
+        mask, counts, offsets = _chunk_tile(k0, num_chunks, chunk_size, M, C, channels,
+                                            channel_mask, acc, BLOCK_K)
         part_mean = tl.load(mean_part_ptr + offsets, mask=mask, other=0.0)
         weighted_sum += tl.where(mask, counts[:, None] * part_mean, 0.0)
     mean = tl.sum(weighted_sum, 0) / M
 
     m2_sum = tl.zeros([BLOCK_K, BLOCK_C], acc)
     for k0 in range(0, num_chunks, BLOCK_K):
-        chunks = k0 + tl.arange(0, BLOCK_K)
-        mask = (chunks < num_chunks)[:, None] & channel_mask[None, :]
-        counts = tl.minimum(chunk_size, M - chunks.to(tl.int64) * chunk_size).to(acc)
-        offsets = chunks.to(tl.int64)[:, None] * C + channels[None, :]
+        mask, counts, offsets = _chunk_tile(k0, num_chunks, chunk_size, M, C, channels,
+                                            channel_mask, acc, BLOCK_K)
         delta = tl.load(mean_part_ptr + offsets, mask=mask, other=0.0) - mean[None, :]
         part_m2 = tl.load(m2_part_ptr + offsets, mask=mask, other=0.0)
         m2_sum += tl.where(mask, part_m2 + counts[:, None] * delta * delta, 0.0)

@@ -142,6 +142,37 @@ struct ThreadChannels {
   __host__ __device__ static constexpr int of(int j) { return COLS ? j : 0; }
 };
 
+// What a thread walks of a launch: its first channel c0 (rows: the block's channel; cols: the
+// first of its VEC channels) and the units first, first + stride, ... < end of its block's chunk.
+struct ThreadWork {
+  int64_t c0, first, end;
+  int stride;
+};
+
+template <int VEC, bool COLS>
+__device__ __forceinline__ ThreadWork thread_work(const Extent& e) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * e.chunk;
+  const int64_t end = begin + e.chunk < e.units ? begin + e.chunk : e.units;
+  if constexpr (COLS) {
+    return {(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC,
+            begin + threadIdx.y, end, static_cast<int>(blockDim.y)};
+  } else {
+    return {static_cast<int64_t>(blockIdx.x), begin + threadIdx.x, end, kBlock};
+  }
+}
+
+// out_j = (v_j − center_c)·scale_c + shift_c for the VEC values of one loaded vector, c the
+// channel element j belongs to: the per-channel affine map both passes write (BN's y, and dx).
+template <typename Ch, int VEC, typename acc>
+__device__ __forceinline__ void channel_affine(const acc* v, const acc* center, const acc* scale,
+                                               const acc* shift, acc* out) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const int ch = Ch::of(j);
+    out[j] = (v[j] - center[ch]) * scale[ch] + shift[ch];
+  }
+}
+
 template <typename scalar_t, int VEC, bool COLS, bool WRITE_Y>
 struct StatsBody {
   using acc = acc_t<scalar_t>;
@@ -162,11 +193,7 @@ struct StatsBody {
 #pragma unroll
       for (int u = 0; u < K; ++u) {
         acc out[VEC];
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const int ch = Ch::of(j);
-          out[j] = (v[u][j] - center[ch]) * scale[ch] + shift[ch];
-        }
+        channel_affine<Ch, VEC>(v[u], center, scale, shift, out);
         store_vec<VEC>(y + at[u].offset(ys), out);
       }
     }
@@ -200,19 +227,7 @@ template <typename scalar_t, int VEC, bool COLS, bool WRITE_Y>
 __global__ void __launch_bounds__(kBlock) stats_kernel(StatsArgs<scalar_t> a) {
   using acc = acc_t<scalar_t>;
   using Ch = ThreadChannels<VEC, COLS>;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * a.e.chunk;
-  const int64_t end = begin + a.e.chunk < a.e.units ? begin + a.e.chunk : a.e.units;
-  int64_t c0, first;
-  int stride;
-  if constexpr (COLS) {
-    c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-    first = begin + threadIdx.y;
-    stride = blockDim.y;
-  } else {
-    c0 = blockIdx.x;
-    first = begin + threadIdx.x;
-    stride = kBlock;
-  }
+  const auto [c0, first, end, stride] = thread_work<VEC, COLS>(a.e);
   const bool active = c0 < a.e.C;
 
   StatsBody<scalar_t, VEC, COLS, WRITE_Y> body;
@@ -298,11 +313,10 @@ struct BackwardBody {
 #pragma unroll
     for (int u = 0; u < K; ++u) {
       acc out[VEC];
+      channel_affine<Ch, VEC>(v[u], mu, a, g, out);
+      if constexpr (HAS_GY) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const int ch = Ch::of(j);
-        out[j] = (v[u][j] - mu[ch]) * a[ch] + g[ch];
-        if constexpr (HAS_GY) out[j] += gv[u][j] * k[ch];
+        for (int j = 0; j < VEC; ++j) out[j] += gv[u][j] * k[Ch::of(j)];
       }
       store_vec<VEC>(dx + at[u].offset(ds), out);
     }
@@ -325,19 +339,7 @@ struct BackwardArgs {
 template <typename scalar_t, int VEC, bool COLS, bool HAS_GY>
 __global__ void __launch_bounds__(kBlock) backward_kernel(BackwardArgs<scalar_t> a) {
   using Ch = ThreadChannels<VEC, COLS>;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * a.e.chunk;
-  const int64_t end = begin + a.e.chunk < a.e.units ? begin + a.e.chunk : a.e.units;
-  int64_t c0, first;
-  int stride;
-  if constexpr (COLS) {
-    c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-    first = begin + threadIdx.y;
-    stride = blockDim.y;
-  } else {
-    c0 = blockIdx.x;
-    first = begin + threadIdx.x;
-    stride = kBlock;
-  }
+  const auto [c0, first, end, stride] = thread_work<VEC, COLS>(a.e);
   if (c0 >= a.e.C) return;
 
   BackwardBody<scalar_t, VEC, COLS, HAS_GY> body;
@@ -500,10 +502,15 @@ Plan make_plan(const Problem& p, int vec, std::initializer_list<Operand> ops) {
 }
 
 // The kernels are instantiated per vector width and traversal, which the plan picks at run time:
-// calls launch(std::integral_constant<int, VEC>{}, std::bool_constant<COLS>{}) with the plan's.
-template <typename scalar_t, typename Launch>
-void dispatch_plan(const Plan& plan, const Launch& launch) {
+// launches kernel_of(std::integral_constant<int, VEC>{}, std::bool_constant<COLS>{}), the kernel
+// instance for the plan's, on the plan's grid with `args`.
+template <typename scalar_t, typename Args, typename KernelOf>
+void launch_plan(const Plan& plan, const Args& args, const KernelOf& kernel_of) {
   constexpr int V = kVec<scalar_t>;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto launch = [&](auto vec, auto cols) {
+    kernel_of(vec, cols)<<<plan.grid, plan.block, 0, stream>>>(args);
+  };
   if (plan.cols) {
     if (plan.vec == V) {
       launch(std::integral_constant<int, V>{}, std::true_type{});
@@ -517,24 +524,21 @@ void dispatch_plan(const Plan& plan, const Launch& launch) {
       launch(std::integral_constant<int, 1>{}, std::false_type{});
     }
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, bool WRITE_Y>
 void launch_stats(const Plan& plan, const StatsArgs<scalar_t>& args) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_plan<scalar_t>(plan, [&](auto vec, auto cols) {
-    stats_kernel<scalar_t, vec, cols, WRITE_Y><<<plan.grid, plan.block, 0, stream>>>(args);
+  launch_plan<scalar_t>(plan, args, [](auto vec, auto cols) {
+    return stats_kernel<scalar_t, decltype(vec)::value, decltype(cols)::value, WRITE_Y>;
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, bool HAS_GY>
 void launch_backward(const Plan& plan, const BackwardArgs<scalar_t>& args) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_plan<scalar_t>(plan, [&](auto vec, auto cols) {
-    backward_kernel<scalar_t, vec, cols, HAS_GY><<<plan.grid, plan.block, 0, stream>>>(args);
+  launch_plan<scalar_t>(plan, args, [](auto vec, auto cols) {
+    return backward_kernel<scalar_t, decltype(vec)::value, decltype(cols)::value, HAS_GY>;
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // BatchNorm parameters of bn_stats_forward, checked and ready for channel_param.

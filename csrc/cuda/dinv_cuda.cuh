@@ -10,6 +10,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <cstring>
@@ -420,11 +421,6 @@ Logits<scalar_t> logits_of(const at::Tensor& t) {
   return {t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
 }
 
-template <typename scalar_t>
-LogitGrads<scalar_t> logit_grads_of(const at::Tensor& t) {
-  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
-}
-
 // Per-row grad_rows: acc [B].
 inline at::Tensor grad_rows_tensor(const at::Tensor& g, const at::Tensor& logits,
                                    const char* op) {
@@ -450,17 +446,84 @@ inline int64_t resident_blocks() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side of the row ops (js, kd): the checks, the dtype promotion and one block of
-// row_threads(K) threads per row, shared so that each op supplies only its kernels. `kernel_of`
-// maps std::type_identity<scalar_t> to the op's kernel for scalar_t, since a kernel template
-// cannot be a template argument:
-//   [](auto type) { return op_kernel<typename decltype(type)::type>; }
+// The row ops (js.cu, kd.cu): one block of row_threads(K) threads per row of [B, K] logits; the two
+// softmax normalizers come from one online pass over the row, and the later passes re-read the
+// row (from cache) rather than storing probabilities; the backward recomputes everything from the
+// logits. An op is a struct of static members, the __device__ ones given one class's
+// ClassProbs:
+//   kName, kBackwardName          the schema names, for error messages and registration;
+//   value_term(c)                 the class's term of the row value (acc);
+//   needs_dots(student, teacher)  whether the gradients asked for read the row's dots;
+//   dot_terms(c)                  the class's terms of the row's two dots (Sums<acc, 2>);
+//   grads(c, dots, g, ds, dt)     the class's gradients, g = grad_rows[b]/T.
+// rows_forward_cuda<Op> and rows_backward_cuda<Op> are the op's kernels (impl_row_op registers
+// them).
 
-// The forward: the acc [B] row values, from kernel(s, t, K, 1/T, out).
-template <typename KernelOf>
-at::Tensor launch_rows(const char* op, const at::Tensor& student_logits,
-                       const at::Tensor& teacher_logits, double T, KernelOf kernel_of) {
-  check_logits(student_logits, teacher_logits, T, op);
+// Class j of a row: both probabilities and their logs. The op functions are inlined, so what an op
+// does not read (e.g. KD's value never reads p) is not computed.
+template <typename acc>
+struct ClassProbs {
+  acc p, q, log_p, log_q;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ ClassProbs<acc_t<scalar_t>> class_probs(
+    const Logits<scalar_t>& s, const Logits<scalar_t>& t, int64_t b, int64_t j,
+    acc_t<scalar_t> inv_t, const RowSoftmax<acc_t<scalar_t>>& ps,
+    const RowSoftmax<acc_t<scalar_t>>& pt) {
+  const acc_t<scalar_t> zs = s.z(b, j, inv_t), zt = t.z(b, j, inv_t);
+  return {ps.prob(zs), pt.prob(zt), ps.log_prob(zs), pt.log_prob(zt)};
+}
+
+template <typename Op, typename scalar_t>
+__global__ void __launch_bounds__(kBlock)
+    rows_kernel(Logits<scalar_t> s, Logits<scalar_t> t, int64_t K, acc_t<scalar_t> inv_t,
+                acc_t<scalar_t>* __restrict__ out) {
+  using acc = acc_t<scalar_t>;
+  const int64_t b = blockIdx.x;
+  RowSoftmax<acc> ps, pt;
+  row_softmaxes(s, t, b, K, inv_t, ps, pt);
+  acc r = 0;
+  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+    r += Op::value_term(class_probs(s, t, b, j, inv_t, ps, pt));
+  }
+  r = block_reduce(r, Add{}, acc(0));
+  if (threadIdx.x == 0) out[b] = r;
+}
+
+// student_grad / teacher_grad are the same for the whole grid, so their branches (and the
+// barriers of the dots' reduction inside one) are uniform.
+template <typename Op, typename scalar_t>
+__global__ void __launch_bounds__(kBlock)
+    rows_backward_kernel(const acc_t<scalar_t>* __restrict__ grad_rows, Logits<scalar_t> s,
+                         Logits<scalar_t> t, int64_t K, acc_t<scalar_t> inv_t,
+                         LogitGrads<scalar_t> ds, LogitGrads<scalar_t> dt, bool student_grad,
+                         bool teacher_grad) {
+  using acc = acc_t<scalar_t>;
+  const int64_t b = blockIdx.x;
+  RowSoftmax<acc> ps, pt;
+  row_softmaxes(s, t, b, K, inv_t, ps, pt);
+  Sums<acc, 2> dots{};
+  if (Op::needs_dots(student_grad, teacher_grad)) {
+    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+      dots = AddSums{}(dots, Op::dot_terms(class_probs(s, t, b, j, inv_t, ps, pt)));
+    }
+    dots = block_allreduce(dots, AddSums{}, Sums<acc, 2>{});
+  }
+  const acc g = grad_rows[b] * inv_t;
+  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+    acc gs, gt;
+    Op::grads(class_probs(s, t, b, j, inv_t, ps, pt), dots, g, gs, gt);
+    if (student_grad) ds.store(b, j, gs);
+    if (teacher_grad) dt.store(b, j, gt);
+  }
+}
+
+// The forward: the acc [B] row values (acc of the logits' promoted dtype).
+template <typename Op>
+at::Tensor rows_forward_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                             double T) {
+  check_logits(student_logits, teacher_logits, T, Op::kName);
   const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
   const LogitPair logits = promote_logits(student_logits, teacher_logits);
   const at::Tensor& s = logits.s;
@@ -470,46 +533,62 @@ at::Tensor launch_rows(const char* op, const at::Tensor& student_logits,
   if (B == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dinv_rows", [&] {
     using acc = acc_t<scalar_t>;
-    const auto kernel = kernel_of(std::type_identity<scalar_t>{});
-    kernel<<<static_cast<unsigned>(B), row_threads(K), 0, at::cuda::getCurrentCUDAStream()>>>(
-        logits_of<scalar_t>(s), logits_of<scalar_t>(t), K, static_cast<acc>(1.0 / T),
-        out.data_ptr<acc>());
+    rows_kernel<Op, scalar_t>
+        <<<static_cast<unsigned>(B), row_threads(K), 0, at::cuda::getCurrentCUDAStream()>>>(
+            logits_of<scalar_t>(s), logits_of<scalar_t>(t), K, static_cast<acc>(1.0 / T),
+            out.data_ptr<acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-// The backward: the gradients of the student and the teacher logits, each in its logits' dtype,
-// from kernel(grad_rows, s, t, K, 1/T, ds, dt).
-template <typename KernelOf>
-std::tuple<at::Tensor, at::Tensor> launch_rows_backward(const char* op,
-                                                        const at::Tensor& grad_rows,
-                                                        const at::Tensor& student_logits,
-                                                        const at::Tensor& teacher_logits,
-                                                        double T, KernelOf kernel_of) {
-  check_logits(student_logits, teacher_logits, T, op);
+// A gradient output of the backward: contiguous like `logits`, or empty when not asked for.
+inline at::Tensor logit_grad_tensor(const at::Tensor& logits, bool wanted) {
+  return wanted ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+}
+
+template <typename scalar_t>
+LogitGrads<scalar_t> logit_grads_of(const at::Tensor& grad, bool wanted) {
+  if (!wanted) return {nullptr, 0, 0};
+  return {grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1)};
+}
+
+// The backward: the gradients of the student's and the teacher's logits, each contiguous in its
+// logits' dtype; one not asked for is an empty tensor and is not computed.
+template <typename Op>
+std::tuple<at::Tensor, at::Tensor> rows_backward_cuda(const at::Tensor& grad_rows,
+                                                      const at::Tensor& student_logits,
+                                                      const at::Tensor& teacher_logits, double T,
+                                                      bool student_grad, bool teacher_grad) {
+  check_logits(student_logits, teacher_logits, T, Op::kBackwardName);
   const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
   const LogitPair logits = promote_logits(student_logits, teacher_logits);
   const at::Tensor& s = logits.s;
   const at::Tensor& t = logits.t;
-  const at::Tensor g = grad_rows_tensor(grad_rows, s, op);
-  at::Tensor ds = at::empty_like(s);
-  at::Tensor dt = at::empty_like(t);
+  const at::Tensor g = grad_rows_tensor(grad_rows, s, Op::kBackwardName);
+  at::Tensor ds = logit_grad_tensor(s, student_grad);
+  at::Tensor dt = logit_grad_tensor(t, teacher_grad);
   const int64_t B = s.size(0), K = s.size(1);
-  if (B > 0 && K > 0) {
+  if (B > 0 && K > 0 && (student_grad || teacher_grad)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, s.scalar_type(), "dinv_rows_backward", [&] {
           using acc = acc_t<scalar_t>;
-          const auto kernel = kernel_of(std::type_identity<scalar_t>{});
-          kernel<<<static_cast<unsigned>(B), row_threads(K), 0,
-                   at::cuda::getCurrentCUDAStream()>>>(
+          rows_backward_kernel<Op, scalar_t><<<static_cast<unsigned>(B), row_threads(K), 0,
+                                               at::cuda::getCurrentCUDAStream()>>>(
               g.const_data_ptr<acc>(), logits_of<scalar_t>(s), logits_of<scalar_t>(t), K,
-              static_cast<acc>(1.0 / T), logit_grads_of<scalar_t>(ds),
-              logit_grads_of<scalar_t>(dt));
+              static_cast<acc>(1.0 / T), logit_grads_of<scalar_t>(ds, student_grad),
+              logit_grads_of<scalar_t>(dt, teacher_grad), student_grad, teacher_grad);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }
   return {ds.to(student_logits.scalar_type()), dt.to(teacher_logits.scalar_type())};
+}
+
+// Registers Op's kernels under its schema names Op::kName and Op::kBackwardName.
+template <typename Op>
+void impl_row_op(torch::Library& m) {
+  m.impl(Op::kName, &rows_forward_cuda<Op>);
+  m.impl(Op::kBackwardName, &rows_backward_cuda<Op>);
 }
 
 }  // namespace dinv::gpu

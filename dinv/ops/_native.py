@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+# The per-row ops of the competition and distillation terms; each has a `<name>_backward`.
+ROW_OPS = ("js_rows", "jsd_rows", "kd_rows")
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of every reduction: fp64 stays fp64, everything else is fp32."""
@@ -21,12 +24,25 @@ def _stats_fake(x):
     return x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
 
 
+def logits_acc_dtype(student_logits, teacher_logits) -> torch.dtype:
+    """The row ops' output dtype: every backend computes both rows in their promoted dtype, so an
+    fp64 teacher makes fp64 rows even for an fp32 student."""
+    return acc_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
+
+
 def _rows_fake(student_logits, teacher_logits, T):
-    return student_logits.new_empty(student_logits.shape[0], dtype=acc_dtype(student_logits.dtype))
+    return student_logits.new_empty(student_logits.shape[0],
+                                    dtype=logits_acc_dtype(student_logits, teacher_logits))
 
 
-def _rows_backward_fake(grad_rows, student_logits, teacher_logits, T):
-    return torch.empty_like(student_logits), torch.empty_like(teacher_logits)
+def _logit_grad_fake(logits, wanted):
+    # Gradients are written contiguous in the logits' own dtype; one not asked for is empty.
+    return logits.new_empty(logits.shape if wanted else (0,))
+
+
+def _rows_backward_fake(grad_rows, student_logits, teacher_logits, T, student_grad, teacher_grad):
+    return (_logit_grad_fake(student_logits, student_grad),
+            _logit_grad_fake(teacher_logits, teacher_grad))
 
 
 def _zeros_if_none(grad, like):
@@ -105,11 +121,11 @@ def register(ns: str) -> None:
     torch.library.register_autograd(lib + "image_prior_sums", prior_backward,
                                     setup_context=prior_setup)
 
-    # -- per-row JS competition and KD ----------------------------------------------------------
-    for rows, rows_backward in (("js_rows", "js_rows_backward"), ("kd_rows", "kd_rows_backward")):
+    # -- per-row JS competition (reference formula and true JS) and KD ----------------------------
+    for rows in ROW_OPS:
         torch.library.register_fake(lib + rows)(_rows_fake)
-        torch.library.register_fake(lib + rows_backward)(_rows_backward_fake)
-        backward_op = getattr(ops, rows_backward)
+        torch.library.register_fake(lib + rows + "_backward")(_rows_backward_fake)
+        backward_op = getattr(ops, rows + "_backward")
 
         def rows_setup(ctx, inputs, output):
             ctx.T = inputs[2]
@@ -117,7 +133,11 @@ def register(ns: str) -> None:
 
         def rows_grad(ctx, grad_rows, backward_op=backward_op):
             student_logits, teacher_logits = ctx.saved_tensors
-            ds, dt = backward_op(grad_rows.contiguous(), student_logits, teacher_logits, ctx.T)
-            return ds, dt, None
+            # The kernels skip a gradient nobody needs: distillation detaches the teacher, ADI with
+            # detach_student=True trains the teacher side only.
+            student_grad, teacher_grad = ctx.needs_input_grad[:2]
+            ds, dt = backward_op(grad_rows.contiguous(), student_logits, teacher_logits, ctx.T,
+                                 student_grad, teacher_grad)
+            return (ds if student_grad else None), (dt if teacher_grad else None), None
 
         torch.library.register_autograd(lib + rows, rows_grad, setup_context=rows_setup)

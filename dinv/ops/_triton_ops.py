@@ -10,6 +10,9 @@ import functools
 
 import torch
 
+_ROWS_SCHEMA = "(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor"
+_ROWS_BACKWARD_SCHEMA = ("(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, "
+                         "float T, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)")
 SCHEMAS = {
     "channel_stats": "(Tensor x) -> (Tensor, Tensor)",
     "channel_stats_backward": "(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor",
@@ -19,18 +22,18 @@ SCHEMAS = {
                          "Tensor grad_var, Tensor? weight, Tensor running_var, float eps) -> Tensor",
     "image_prior_sums": "(Tensor x) -> (Tensor, Tensor)",
     "image_prior_backward": "(Tensor x, Tensor tv_coef, Tensor sq_coef) -> Tensor",
-    "js_rows": "(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
-    "js_rows_backward": "(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, "
-                        "float T) -> (Tensor, Tensor)",
-    "kd_rows": "(Tensor student_logits, Tensor teacher_logits, float T) -> Tensor",
-    "kd_rows_backward": "(Tensor grad_rows, Tensor student_logits, Tensor teacher_logits, "
-                        "float T) -> (Tensor, Tensor)",
+    "js_rows": _ROWS_SCHEMA,
+    "js_rows_backward": _ROWS_BACKWARD_SCHEMA,
+    "jsd_rows": _ROWS_SCHEMA,
+    "jsd_rows_backward": _ROWS_BACKWARD_SCHEMA,
+    "kd_rows": _ROWS_SCHEMA,
+    "kd_rows_backward": _ROWS_BACKWARD_SCHEMA,
 }
 _MODULE_OF = {
     "channel_stats": "bn_stat", "channel_stats_backward": "bn_stat",
     "bn_stats_forward": "bn_stat", "bn_stats_backward": "bn_stat",
     "image_prior_sums": "image_prior", "image_prior_backward": "image_prior",
-    "js_rows": "js", "js_rows_backward": "js",
+    "js_rows": "js", "js_rows_backward": "js", "jsd_rows": "js", "jsd_rows_backward": "js",
     "kd_rows": "kd", "kd_rows_backward": "kd",
 }
 

@@ -43,7 +43,7 @@ def stat_divergence(mean, var, running_mean, running_var) -> torch.Tensor:
 def channel_stats(x: torch.Tensor):
     """(mean, biased var) per channel of `x` [N, C, ...], fp32 (fp64 for fp64 input), one pass."""
     _check_stat_input(x)
-    backend = _backends.select(x)
+    backend = _backends.select("channel_stats", x)
     if backend == "reference":
         return channel_stats_reference(x)
     return _backends.primitives(backend).channel_stats(x)
@@ -85,7 +85,7 @@ def bn_inversion(x, weight, bias, running_mean, running_var, eps: float):
     statistics are treated as the frozen teacher's constants."""
     _check_stat_input(x)
     _check_running(x, running_mean, running_var)
-    backend = _backends.select(x)
+    backend = _backends.select("bn_stats_forward", x)
     if backend == "reference":
         detach = lambda t: None if t is None else t.detach()  # noqa: E731
         return bn_inversion_reference(x, detach(weight), detach(bias), running_mean.detach(),

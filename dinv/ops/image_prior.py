@@ -76,7 +76,7 @@ def image_prior(x: torch.Tensor) -> ImagePrior:
     """(tv_l1, tv_l2, l2) of images `x` [N, C, H, W], forward and backward each in one pass over
     `x` on the native backends, whichever of the three the caller uses."""
     _check(x)
-    backend = _backends.select(x)
+    backend = _backends.select("image_prior_sums", x)
     if backend == "reference":
         return image_prior_reference(x)
     tv, sq = _backends.primitives(backend).image_prior_sums(x)

@@ -4,14 +4,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from . import _backends
-from ._native import acc_dtype
-from .js import _check_logits
+from .js import _acc_logits, _check_logits
 
 
 def kd_loss_reference(student_logits, teacher_logits, T: float = 4.0):
-    acc = acc_dtype(student_logits.dtype)
-    log_p = F.log_softmax(student_logits.to(acc) / T, dim=1)
-    log_q = F.log_softmax(teacher_logits.to(acc) / T, dim=1)
+    s, t = _acc_logits(student_logits, teacher_logits)
+    log_p = F.log_softmax(s / T, dim=1)
+    log_q = F.log_softmax(t / T, dim=1)
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * (T * T)
 
 
@@ -19,7 +18,7 @@ def kd_loss(student_logits, teacher_logits, T: float = 4.0):
     """Hinton's distillation loss. Gradients reach both logits when they require grad (detach
     the teacher's, as distillation does, to train the student alone)."""
     _check_logits(student_logits, teacher_logits)
-    backend = _backends.select(student_logits, teacher_logits)
+    backend = _backends.select("kd_rows", student_logits, teacher_logits)
     if backend == "reference":
         return kd_loss_reference(student_logits, teacher_logits, T)
     rows = _backends.primitives(backend).kd_rows(student_logits, teacher_logits, float(T))

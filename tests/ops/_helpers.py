@@ -9,18 +9,14 @@ from dinv.ops import _backends
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def native_backends(device="cpu"):
-    """Backends with kernels that can run tensors on `device` here (forced)."""
-    x = torch.empty(0, device=device)
-    return [b for b in ("cpp", "triton") if _backends.why_not(b, [x], forced_here=True) is None]
-
-
-def backend_params(device="cpu"):
-    """pytest params for every native backend, skipped with the reason when it cannot run."""
+def backend_params(device="cpu", op="channel_stats"):
+    """pytest params for every native backend, skipped with the reason when it cannot run `op`
+    on fp32 tensors of `device`."""
     x = torch.empty(0, device=device) if device == "cpu" or torch.cuda.is_available() else None
     params = []
     for name in ("cpp", "triton"):
-        reason = "no CUDA device" if x is None else _backends.why_not(name, [x], forced_here=True)
+        reason = "no CUDA device" if x is None else _backends.why_not(name, op, [x],
+                                                                      forced_here=True)
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
         if device == "cuda":
             marks.append(pytest.mark.cuda)
