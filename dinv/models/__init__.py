@@ -6,62 +6,35 @@ torchvision classifier, all by name.
     student = models.create("digits_student")
     net = models.create("resnet34_cifar", num_classes=100)
     big = models.create("torchvision:resnet50")       # untrained (weights=None)
+
+A trained teacher from a file, in eval mode on the CPU (`map_location=` moves it):
+
+    teacher = models.load_teacher("digits")                        # the shipped one
+    teacher = models.load_teacher("rn34.pt", arch="resnet34_cifar")  # a state_dict file
+    teacher = models.load_teacher("rn50.pt", arch="torchvision:resnet50")
+    teacher = models.load_teacher("whole.pt", trust_pickle=True)   # a pickled nn.Module
+
+`load_teacher` reads with `torch.load(weights_only=True)` and unpickles a whole model (or any
+other Python object) only with trust_pickle=True, since unpickling can run arbitrary code. A
+state_dict may be nested under "state_dict", "model_state_dict", "model" or "net", carry
+DataParallel/DDP's "module." or torch.compile's "_orig_mod." prefix, and have another class count
+(read from the classifier's weight when num_classes is None); it is loaded strictly, and a
+mismatch raises ValueError naming the file, the arch and the first missing/unexpected keys.
+`arch` is a name from `names()`, "torchvision:<name>", or "timm:<name>" (needs timm).
+
+The CIFAR ResNets have the module names and forward of the DeepInversion reference's
+(NVlabs/DeepInversion cifar10/resnet_cifar.py, from DAFL), so its ResNet18/ResNet34 checkpoints
+load unchanged into "resnet18_cifar" / "resnet34_cifar".
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-from torch import nn
-
+from .checkpoints import TIMM_PREFIX, load_teacher
 from .cifar import CifarResNet, CifarVGG, resnet18_cifar, resnet34_cifar, vgg11_bn_cifar
-from .digits import (DIGITS_MEAN, DIGITS_STD, DigitsNet, DigitsStudent, accuracy, load_digits,
-                     train_classifier)
-
-TORCHVISION_PREFIX = "torchvision:"
-DIGITS_TEACHER_WEIGHTS = Path(__file__).parent / "weights" / "digits_net.pt"
-
-_BUILDERS = {
-    "digits_net": DigitsNet,
-    "digits_student": DigitsStudent,
-    "resnet18_cifar": resnet18_cifar,
-    "resnet34_cifar": resnet34_cifar,
-    "vgg11_bn_cifar": vgg11_bn_cifar,
-}
-
-
-def names() -> list:
-    """The built-in model names; any "torchvision:<name>" is accepted by `create` too."""
-    return sorted(_BUILDERS)
-
-
-def create(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
-    """A freshly initialized model. num_classes=None keeps the model's own default (10 for the
-    built-in ones, 1000 for torchvision's ImageNet classifiers); kwargs go to the constructor."""
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if name.startswith(TORCHVISION_PREFIX):
-        # Imported here so that the built-in models do not need torchvision.
-        import torchvision
-
-        return torchvision.models.get_model(name[len(TORCHVISION_PREFIX):], weights=None, **kwargs)
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; built-in: {', '.join(names())}, "
-                         f"or {TORCHVISION_PREFIX}<torchvision model name>")
-    return _BUILDERS[name](**kwargs)
-
-
-def load_digits_teacher() -> DigitsNet:
-    """The shipped DigitsNet trained by examples/train_digits_teacher.py, on the CPU, in eval mode.
-    It expects load_digits' inputs: [N, 1, 16, 16] normalized with DIGITS_MEAN / DIGITS_STD."""
-    model = DigitsNet()
-    model.load_state_dict(torch.load(DIGITS_TEACHER_WEIGHTS, map_location="cpu",
-                                     weights_only=True))
-    return model.eval()
-
+from .digits import DigitsNet, DigitsStudent
+from .registry import DIGITS_TEACHER_WEIGHTS, TORCHVISION_PREFIX, create, load_digits_teacher, names
 
 __all__ = [
-    "DIGITS_MEAN", "DIGITS_STD", "DIGITS_TEACHER_WEIGHTS", "CifarResNet", "CifarVGG",
-    "DigitsNet", "DigitsStudent", "accuracy", "create", "load_digits", "load_digits_teacher",
-    "names", "train_classifier",
+    "DIGITS_TEACHER_WEIGHTS", "CifarResNet", "CifarVGG", "DigitsNet", "DigitsStudent",
+    "TIMM_PREFIX", "TORCHVISION_PREFIX", "create", "load_digits_teacher", "load_teacher", "names",
+    "resnet18_cifar", "resnet34_cifar", "vgg11_bn_cifar",
 ]

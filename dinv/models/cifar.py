@@ -1,69 +1,92 @@
 """CIFAR-sized (32x32) classifiers used as teachers and students in the DeepInversion paper's
 CIFAR-10 experiments: ResNet-18/34 with a 3x3 stride-1 stem and no max-pool (so the four stages
-run at 32, 16, 8 and 4 pixels), and VGG-11 with BatchNorm."""
+run at 32, 16, 8 and 4 pixels), and VGG-11 with BatchNorm.
+
+The ResNets are module for module the reference's (NVlabs/DeepInversion cifar10/resnet_cifar.py,
+itself DAFL's resnet.py): `conv1`, `bn1`, `layer1`..`layer4` of BasicBlocks (`conv1`, `bn1`,
+`conv2`, `bn2`, `shortcut`), `linear`, with the same forward, so a checkpoint of the reference's
+ResNet18/ResNet34 loads as it is (strict) and gives the same logits."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers plus the input; a 1x1 conv-BN projects the input when the block
-    changes the resolution or the width."""
+    """Two 3x3 conv-BN layers plus the input; a 1x1 conv-BN (`shortcut.0`, `shortcut.1`) projects
+    the input when the block changes the resolution or the width, else `shortcut` is an empty
+    nn.Sequential (the identity), as in the reference."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        if stride != 1 or in_channels != out_channels:
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
             )
-        else:
-            self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return F.relu(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
-    """ResNet of BasicBlocks; `blocks_per_stage` gives the depth ([2, 2, 2, 2] is ResNet-18)."""
+    """ResNet of BasicBlocks; `blocks_per_stage` gives the depth ([2, 2, 2, 2] is ResNet-18).
+
+    For 32x32 inputs the last stage's 4x4 maps are averaged by `F.avg_pool2d(out, 4)` exactly as
+    the reference does; other input sizes are averaged globally (adaptive pooling), so the
+    classifier always sees 512 features. `forward(x, out_feature=True)` returns
+    (logits, features) like the reference's."""
 
     def __init__(self, blocks_per_stage, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 3, padding=1, bias=False),
-            nn.BatchNorm2d(64),
-            nn.ReLU(inplace=True),
-        )
-        stages = []
-        width = 64
-        for index, num_blocks in enumerate(blocks_per_stage):
-            out_width = 64 * 2 ** index
-            first_stride = 1 if index == 0 else 2
-            for block in range(num_blocks):
-                stages.append(BasicBlock(width, out_width, first_stride if block == 0 else 1))
-                width = out_width
-        self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(width, num_classes)
+        if len(blocks_per_stage) != 4:
+            raise ValueError(f"blocks_per_stage needs 4 stages, got {list(blocks_per_stage)}")
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, blocks_per_stage[0], stride=1)
+        self.layer2 = self._make_layer(128, blocks_per_stage[1], stride=2)
+        self.layer3 = self._make_layer(256, blocks_per_stage[2], stride=2)
+        self.layer4 = self._make_layer(512, blocks_per_stage[3], stride=2)
+        self.linear = nn.Linear(512 * BasicBlock.expansion, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.pool(self.stages(self.stem(x)))
-        return self.classifier(torch.flatten(features, 1))
+    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for block_stride in [stride] + [1] * (num_blocks - 1):
+            layers.append(BasicBlock(self.in_planes, planes, block_stride))
+            self.in_planes = planes * BasicBlock.expansion
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, out_feature: bool = False):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        if out.shape[-2:] == (4, 4):
+            # The reference's pooling: not bitwise the same as the adaptive one.
+            out = F.avg_pool2d(out, 4)
+        else:
+            out = F.adaptive_avg_pool2d(out, 1)
+        feature = torch.flatten(out, 1)
+        out = self.linear(feature)
+        return (out, feature) if out_feature else out
 
 
 def resnet18_cifar(num_classes: int = 10, **kwargs) -> CifarResNet:
+    """The reference's ResNet18 (DAFL / NVlabs DeepInversion cifar10/resnet_cifar.py)."""
     return CifarResNet([2, 2, 2, 2], num_classes=num_classes, **kwargs)
 
 
 def resnet34_cifar(num_classes: int = 10, **kwargs) -> CifarResNet:
+    """The reference's ResNet34, the paper's CIFAR-10 teacher."""
     return CifarResNet([3, 4, 6, 3], num_classes=num_classes, **kwargs)
 
 
