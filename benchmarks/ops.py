@@ -5,9 +5,9 @@ on ResNet-50-like layer shapes.
     pytest benchmarks/ops.py --benchmark-only              # the same cases under pytest-benchmark
 
 For each case every implementation runs `torch.autograd.grad(loss, inputs)` on the same inputs:
-- "eager-ref": the DeepInversion reference code's formulation (BN statistics through
-  permute + contiguous + var, the four-difference TV, the KLDivLoss(batchmean) JS competition,
-  F.kl_div distillation);
+- "eager-ref": the DeepInversion reference code's formulation, from benchmarks/reference.py (BN
+  statistics through permute + contiguous + var, the four-difference TV, the KLDivLoss(batchmean)
+  JS competition, F.kl_div distillation);
 - "dinv:<backend>": the dinv op with that backend forced (reference = dinv's pure-torch oracle,
   cpp = the C++/CUDA extension, triton = the Triton kernels on GPU), for each backend that can run.
 Timings interleave the implementations in rotated rounds and report medians; "x ref" is the
@@ -19,9 +19,7 @@ BN-statistic op's GPU target is >= 70 %).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -35,13 +33,17 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
-from benchmarks.throughput import cpu_model
+from benchmarks import reference
+from benchmarks.harness import DEFAULT_OUT, cpu_model, loadavg, sync, write_rows
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 ACCEPTANCE_SHAPE = (64, 256, 56, 56)
 BN_SHAPES = [(64, 256, 56, 56), (64, 512, 28, 28), (64, 1024, 14, 14), (64, 2048, 7, 7)]
 TV_SHAPE = (64, 3, 224, 224)
 LOGITS_SHAPE = (256, 1000)
+# The primitive the dispatcher picks a backend for in each case's dinv op (`dinv.ops._backends.OPS`).
+DINV_OPS = {"bn_stat_loss": "channel_stats", "bn_inversion": "bn_stats_forward",
+            "tv_loss_l2": "image_prior_sums", "image_priors": "image_prior_sums",
+            "js_competition": "js_rows", "kd_loss": "kd_rows"}
 # Minimal passes over tensors the size of the op's main input, forward + backward:
 TRAFFIC = {
     "bn_stat_loss": 3,   # fwd reads x; bwd reads x, writes dx
@@ -54,58 +56,20 @@ TRAFFIC = {
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference code's formulations
+# The reference code's formulations (benchmarks/reference.py)
 # ---------------------------------------------------------------------------------------------
-def ref_bn_stat_loss(x, running_mean, running_var):
-    nch = x.shape[1]
-    mean = x.mean([0, 2, 3])
-    var = x.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
-    return torch.norm(running_var - var, 2) + torch.norm(running_mean - mean, 2)
-
-
 def ref_bn_inversion(x, weight, bias, running_mean, running_var, grad_y, eps=1e-5):
     """An eval BatchNorm with the reference hook on it: the loss whose gradient is what the fused
     op's backward produces (grad_y · y + the statistic loss)."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    return (y * grad_y).sum() + ref_bn_stat_loss(x, running_mean, running_var)
-
-
-def ref_differences(x):
-    return (x[:, :, :, :-1] - x[:, :, :, 1:], x[:, :, :-1, :] - x[:, :, 1:, :],
-            x[:, :, 1:, :-1] - x[:, :, :-1, 1:], x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
-
-
-def ref_tv_l2(x):
-    diff1, diff2, diff3, diff4 = ref_differences(x)
-    return torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
+    return (y * grad_y).sum() + reference.bn_feature_loss(x, running_mean, running_var)
 
 
 def ref_image_priors(x):
     """TV l1 + TV l2 + the L2 prior as the reference's loop computes them
     (`get_image_prior_losses`: the differences once, both norms; then the images' norms)."""
-    diff1, diff2, diff3, diff4 = ref_differences(x)
-    loss_var_l2 = torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
-    loss_var_l1 = (diff1.abs() / 255.0).mean() + (diff2.abs() / 255.0).mean() + (
-        diff3.abs() / 255.0).mean() + (diff4.abs() / 255.0).mean()
-    return loss_var_l1 * 255.0 + loss_var_l2 + torch.norm(x.view(x.shape[0], -1), dim=1).mean()
-
-
-def ref_js(outputs_student, outputs, T=3.0):
-    kl_loss = torch.nn.KLDivLoss(reduction="batchmean")
-    P = F.softmax(outputs_student / T, dim=1)
-    Q = F.softmax(outputs / T, dim=1)
-    M = 0.5 * (P + Q)
-    P = torch.clamp(P, 0.01, 0.99)
-    Q = torch.clamp(Q, 0.01, 0.99)
-    M = torch.clamp(M, 0.01, 0.99)
-    eps = 0.0
-    loss_verifier_cig = 0.5 * kl_loss(torch.log(P + eps), M) + 0.5 * kl_loss(torch.log(Q + eps), M)
-    return 1.0 - torch.clamp(loss_verifier_cig, 0.0, 1.0)
-
-
-def ref_kd(student_logits, teacher_logits, T=4.0):
-    return F.kl_div(F.log_softmax(student_logits / T, dim=1),
-                    F.softmax(teacher_logits / T, dim=1), reduction="batchmean") * (T * T)
+    loss_var_l1, loss_var_l2 = reference.get_image_prior_losses(x)
+    return loss_var_l1 + loss_var_l2 + reference.l2_prior(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +156,20 @@ def cases(device: str, quick: bool, dtypes=None, channels_last=False) -> list:
 
 
 def backends_for(case: Case) -> list:
-    """dinv backends that can run this case when forced."""
-    from dinv.ops import _backends
+    """dinv backends that can run this case's op when forced (the dispatcher says)."""
+    from dinv import ops
 
+    op = DINV_OPS[case.op]
     probe = torch.empty(1, device=case.device, dtype=case.dtype)
-    return [name for name in _backends.NAMES
-            if _backends.why_not(name, [probe], forced_here=True) is None]
+    runnable = []
+    for name in ops.explain(op, probe):
+        try:
+            with ops.use_backend(name):
+                ops.select(op, probe)
+        except ops.BackendUnavailable:
+            continue
+        runnable.append(name)
+    return runnable
 
 
 def implementations(case: Case) -> dict:
@@ -205,14 +177,14 @@ def implementations(case: Case) -> dict:
     from dinv import ops
 
     refs = {
-        "bn_stat_loss": lambda i: ref_bn_stat_loss(i["x"], i["rm"], i["rv"]),
+        "bn_stat_loss": lambda i: reference.bn_feature_loss(i["x"], i["rm"], i["rv"]),
         # BN parameters stay fp32 with low-precision inputs, as in a model under autocast.
         "bn_inversion": lambda i: ref_bn_inversion(i["x"], i["w"], i["b"], i["rm"], i["rv"],
                                                    i["gy"]),
-        "tv_loss_l2": lambda i: ref_tv_l2(i["x"]),
+        "tv_loss_l2": lambda i: reference.tv_l2(i["x"]),
         "image_priors": lambda i: ref_image_priors(i["x"]),
-        "js_competition": lambda i: ref_js(i["s"], i["t"]),
-        "kd_loss": lambda i: ref_kd(i["s"], i["t"].detach()),
+        "js_competition": lambda i: reference.js_competition(i["s"], i["t"]),
+        "kd_loss": lambda i: reference.kd_loss(i["s"], i["t"].detach()),
     }
 
     def dinv_bn_inversion(i):
@@ -225,7 +197,7 @@ def implementations(case: Case) -> dict:
         "bn_inversion": dinv_bn_inversion,
         "tv_loss_l2": lambda i: ops.tv_loss(i["x"], "l2"),
         "image_priors": lambda i: sum(ops.image_prior(i["x"])),
-        "js_competition": lambda i: ops.js_competition(i["s"], i["t"]),
+        "js_competition": lambda i: ops.js_competition(i["s"], i["t"], formula="reference"),
         "kd_loss": lambda i: ops.kd_loss(i["s"], i["t"].detach()),
     }
     impls = {"eager-ref": (refs[case.op], None)}
@@ -247,8 +219,7 @@ def make_step(case: Case, fn, backend, inputs=None):
         with use_backend(backend):
             loss = fn(inputs)
             grads = torch.autograd.grad(loss, wrt)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return loss, grads
 
     return step
@@ -324,12 +295,10 @@ def copy_bandwidth(device, mib=None, repeats=5) -> float:
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats + 1):  # the first copy warms up
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * 4 / best / 1e9
 
@@ -387,10 +356,8 @@ def main(argv=None, log=print):
             "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
             "cpu": cpu_model(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "rounds": rounds, "repeats": repeats}
-    try:
-        meta["loadavg"] = os.getloadavg()
-    except OSError:
-        pass
+    if loadavg() is not None:
+        meta["loadavg"] = loadavg()
     log(f"# dinv op benchmark  {meta['date']}  torch {meta['torch']}  {device} "
         f"({meta['gpu'] or meta['cpu']}, {meta['threads']} threads, load {meta.get('loadavg')})")
     meta["copy_gb_per_s"] = copy_bandwidth(device)
@@ -411,18 +378,10 @@ def main(argv=None, log=print):
     log("x ref: eager-ref ms / this ms (same run); GB/s: minimal traffic (TRAFFIC passes over the "
         "main input) / time; %BW: of the measured copy bandwidth; dloss, dgrad: relative difference from eager-ref (loss; max |grad "
         "diff| / max |ref grad|).")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"ops-{device}" + ("-quick" if args.quick else "")
-    rows = [asdict(r) for r in results]
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "raw_ms"],
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / f"{stem}.json", "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
-    log(f"wrote {out / (stem + '.csv')}, {out / (stem + '.json')}")
+    paths = write_rows(Path(args.out), stem, [asdict(r) for r in results], meta,
+                       skip=("raw_ms",))
+    log(f"wrote {paths['csv']}, {paths['json']}")
     return results
 
 

@@ -1,7 +1,8 @@
-"""Smoke tests of benchmarks/throughput.py and benchmarks/ops.py: the machinery runs on a tiny
-workload in seconds and writes its files, and the benchmark's eager baseline (the reference loop
-written out in throughput.py) computes the same loss as dinv.Inverter for the same images and
-augmentation, which is what makes its speed-up ratios meaningful."""
+"""Smoke tests of benchmarks/throughput.py and benchmarks/ops.py: the machinery
+(benchmarks/harness.py) runs on a tiny workload in seconds and writes its files, and the
+benchmark's eager baseline (the reference loop in benchmarks/reference.py) computes the same loss
+as dinv.Inverter for the same images and augmentation, which is what makes its speed-up ratios
+meaningful."""
 from __future__ import annotations
 
 import contextlib
@@ -12,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import harness, reference, throughput
 from benchmarks import ops as ops_bench
-from benchmarks import throughput
-from dinv.augment import jitter_flip_indices
-from dinv.inverter import frozen
+from dinv.augment import view_indices
+from dinv.imaging import pixel_bounds
+from dinv.model_utils import frozen
 
 TINY_CONFIGS = "eager,ops,fused-bn,channels-last"
 
@@ -68,9 +70,9 @@ def _trajectory(runner, targets, init, seed, stop_after):
 def _view_loss_and_grad(runner, images, targets, dy, dx, flip):
     """Loss of one jittered/flipped view and its gradient w.r.t. the images, through the
     runner's own implementation (the reference's roll+flip and hooks, or dinv's index math,
-    statistics and compile mode)."""
+    statistics and compile mode, called as `invert` calls it)."""
     x = images.clone().requires_grad_(True)
-    if isinstance(runner, throughput.ReferenceRunner):
+    if isinstance(runner, harness.ReferenceRunner):
         impl = runner.impl
         for p in impl.net_teacher.parameters():
             p.requires_grad_(impl.teacher_requires_grad)
@@ -78,9 +80,10 @@ def _view_loss_and_grad(runner, images, targets, dy, dx, flip):
         loss = impl.forward_loss(torch.flip(view, dims=(3,)) if flip else view, targets)
     else:
         inv = runner.inv
-        rows, cols = jitter_flip_indices(x.shape[2], x.shape[3], dy, dx, flip, x.device)
+        view = view_indices(x.shape[2], x.shape[3], dy, dx, flip, inv.jitter_mode, x.device)
+        background = pixel_bounds(inv.mean, inv.std, x.device)[0].to(inv.dtype)
         with frozen(inv.teacher), inv.statistics:
-            loss, _, _ = inv._loss_fn(1)(x, rows, cols, targets, None)
+            loss, _, _ = inv._loss_fn(1)(x, view, background, targets, None)
     (grad,) = torch.autograd.grad(loss, x)
     return float(loss.detach()), grad
 
@@ -130,15 +133,15 @@ def test_every_config_computes_the_reference_iteration(device, config_name):
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         no_tf32.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", previous)
-    reference = throughput.ReferenceRunner(copy.deepcopy(teacher), workload, {})
-    runner = throughput.make_runner(config, copy.deepcopy(teacher), workload, options)
+    baseline = harness.ReferenceRunner(copy.deepcopy(teacher), workload, {})
+    runner = harness.make_runner(config, copy.deepcopy(teacher), workload, options)
     amp = "amp_dtype" in options
     try:
         for seed in SEEDS:
             init = torch.randn((workload.batch,) + workload.image_shape,
                                generator=torch.Generator().manual_seed(seed)).to(device)
             # Same view for both (shift in both directions and a flip: no symmetric shortcut).
-            want_loss, want_grad = _view_loss_and_grad(reference, init, targets, 1, -1, True)
+            want_loss, want_grad = _view_loss_and_grad(baseline, init, targets, 1, -1, True)
             got_loss, got_grad = _view_loss_and_grad(runner, init, targets, 1, -1, True)
             if amp:
                 assert got_loss == pytest.approx(want_loss, rel=AMP_TOL["loss"])
@@ -149,14 +152,14 @@ def test_every_config_computes_the_reference_iteration(device, config_name):
             rtol, atol = FP32_TOL["grad"]
             torch.testing.assert_close(got_grad, want_grad, rtol=rtol,
                                        atol=atol * float(want_grad.abs().max()))
-            want = _trajectory(reference, targets, init, seed, STEPS)
+            want = _trajectory(baseline, targets, init, seed, STEPS)
             got = _trajectory(runner, targets, init, seed, STEPS)
             assert [g[0] for g in got] == pytest.approx([w[0] for w in want], rel=1e-4)
             atol = FP32_TOL["images"]
             assert float((want[-1][1] - want[0][1]).abs().max()) > 100 * atol  # Adam moved them
             torch.testing.assert_close(got[-1][1], want[-1][1], rtol=0, atol=atol)
     finally:
-        reference.close()
+        baseline.close()
         runner.close()
         no_tf32.close()
 
@@ -174,18 +177,52 @@ def test_draws_cover_flips_and_shifts():
     assert any(d[0] for d in draws) and any(d[1] for d in draws)
 
 
-def test_reference_hook_is_the_reference_formula():
-    """The baseline's BN term equals ‖rv − var‖ + ‖rm − mean‖ with the biased variance."""
-    bn = torch.nn.BatchNorm2d(4).eval()
+@pytest.mark.parametrize("bn,shape", [(torch.nn.BatchNorm2d, (3, 4, 5, 6)),
+                                      (torch.nn.BatchNorm1d, (6, 4)),
+                                      (torch.nn.BatchNorm1d, (3, 4, 7)),
+                                      (torch.nn.BatchNorm3d, (2, 4, 3, 5, 2))],
+                         ids=["2d", "1d-NC", "1d-NCL", "3d"])
+def test_reference_hook_is_the_reference_formula(bn, shape):
+    """The baseline's BN term equals ‖rv − var‖ + ‖rm − mean‖ with the biased variance over
+    every dim but the channels, for any BatchNorm's input rank."""
+    bn = bn(4).eval()
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
-    hook = throughput.DeepInversionFeatureHook(bn)
-    x = torch.randn(3, 4, 5, 6)
+    hook = reference.DeepInversionFeatureHook(bn)
+    x = torch.randn(shape)
     bn(x)
-    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    dims = (0,) + tuple(range(2, x.dim()))
+    mean, var = x.mean(dims), x.var(dims, unbiased=False)
     want = (bn.running_var - var).norm() + (bn.running_mean - mean).norm()
     assert float(hook.r_feature) == pytest.approx(float(want), rel=1e-6)
     hook.close()
+
+
+def test_reference_loss_is_the_reference_loop_objective():
+    """`reference.reference_loss` (hooks on every BatchNorm) is the loss the reference loop
+    optimizes, on a teacher whose BatchNorms are all 2-d; with a student it adds adi_scale times
+    the reference's clamped competition term; it leaves no hook behind."""
+    workload = throughput.workloads("cpu", quick=True)["tiny"]
+    teacher, student = workload.teacher(), workload.teacher()
+    torch.nn.init.normal_(student.classifier.weight)
+    coefficients = dict(workload.coefficients, main_loss_multiplier=0.7)
+    impl = reference.ReferenceInversion(teacher, workload.image_shape, workload.mean,
+                                        workload.std, **coefficients)
+    targets = torch.arange(workload.batch) % workload.classes
+    x = torch.randn((workload.batch,) + workload.image_shape,
+                    generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        want = impl.forward_loss(x, targets)
+    impl.close()
+    with torch.no_grad():
+        got = reference.reference_loss(teacher, x, targets, coefficients)
+        assert float(got) == pytest.approx(float(want), rel=1e-6)
+        adi = reference.reference_loss(teacher, x, targets, dict(coefficients, adi_scale=0.5),
+                                       student=student)
+        competition = reference.js_competition(student(x), teacher(x))
+    assert float(adi - got) == pytest.approx(0.5 * float(competition), rel=1e-5)
+    assert 0 < float(competition) < 1
+    assert not any(m._forward_hooks for m in teacher.modules())
 
 
 def test_ops_bench_case_runs():
