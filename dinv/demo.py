@@ -12,34 +12,31 @@ import torch
 
 from .data import load_shards, synthesize_dataset
 from .inverter import Inverter
+from .models import load_digits_teacher
 from .presets import digits_settings
 
 
 def run_demo(out_dir: str = "dinv-demo", per_class: int = 20, iterations: int | None = None,
              seed: int = 0, batch_size: int = 100, progress: bool = True) -> dict:
-    from .models import load_digits_teacher
-
-    torch.manual_seed(seed)
     teacher = load_digits_teacher()
     settings = digits_settings()
     default_iterations = settings.pop("iterations")
-    inverter = Inverter(teacher, **settings)
-    start = time.time()
-    synthesize_dataset(inverter, out_dir, num_images=10 * per_class, classes=range(10),
-                       batch_size=batch_size, iterations=iterations or default_iterations,
-                       seed=seed, progress=progress)
-    seconds = time.time() - start
-    images, labels = load_shards(out_dir)
-    with torch.no_grad():
-        predicted = teacher(images).argmax(1)
+    with Inverter(teacher, **settings) as inverter:
+        start = time.time()
+        synthesize_dataset(inverter, out_dir, num_images=10 * per_class, classes=range(10),
+                           batch_size=batch_size, iterations=iterations or default_iterations,
+                           seed=seed, progress=progress)
+        seconds = time.time() - start
+        images, labels = load_shards(out_dir)
+        with torch.no_grad():
+            predicted = teacher(images).argmax(1)
         noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-    result = {
-        "images": int(labels.numel()),
-        "seconds": round(seconds, 1),
-        "teacher_accuracy_on_synthesized": round((predicted == labels).float().mean().item(), 4),
-        "bn_loss_synthesized": round(inverter.bn_losses(images[:batch_size]).sum().item(), 4),
-        "bn_loss_noise": round(inverter.bn_losses(noise[:batch_size]).sum().item(), 4),
-        "grid": os.path.join(out_dir, "grid.png"),
-    }
-    inverter.close()
-    return result
+        return {
+            "images": int(labels.numel()),
+            "seconds": round(seconds, 1),
+            "teacher_accuracy_on_synthesized": round((predicted == labels).float().mean().item(),
+                                                     4),
+            "bn_loss_synthesized": round(inverter.bn_losses(images[:batch_size]).sum().item(), 4),
+            "bn_loss_noise": round(inverter.bn_losses(noise[:batch_size]).sum().item(), 4),
+            "grid": os.path.join(out_dir, "grid.png"),
+        }

@@ -36,37 +36,67 @@ class BNStatistics:
                 "DeepInversion matches feature statistics to BatchNorm running mean/var, so the "
                 "teacher must contain BatchNorm1d/2d/3d or SyncBatchNorm layers in eval mode")
         self.fused = fused
-        self._handles: list = []
+        self._installed: list = []
         self._stats: list = [None] * len(self.layers)
-        rm = torch.cat([m.running_mean.detach().float().flatten() for m in self.layers])
-        rv = torch.cat([m.running_var.detach().float().flatten() for m in self.layers])
-        sizes = [m.running_mean.numel() for m in self.layers]
-        self._running = torch.cat([rm, rv])
-        segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        # Segment id per element of cat([mean_all, var_all]): means -> 0..L-1, vars -> L..2L-1.
-        self._segment = torch.cat([segment, segment + len(sizes)]).to(rm.device)
+        self._running = None
+        self._segment = None
+
+    def _read_running_statistics(self) -> None:
+        """Concatenates every layer's running mean and var as they are now: read at every
+        installation (each `invert`), as the reference reads them at every forward, so a
+        `load_state_dict` after the Inverter was built is honoured."""
+        means = [m.running_mean.detach().flatten() for m in self.layers]
+        variances = [m.running_var.detach().flatten() for m in self.layers]
+        acc = torch.float64 if means[0].dtype == torch.float64 else torch.float32
+        self._running = torch.cat(means + variances).to(acc)
+        if self._segment is None or self._segment.numel() != self._running.numel():
+            sizes = torch.tensor([m.numel() for m in means])
+            segment = torch.repeat_interleave(torch.arange(len(means)), sizes)
+            # Segment id per element of cat([means, vars]): means -> 0..L-1, vars -> L..2L-1.
+            self._segment = torch.cat([segment, segment + len(means)])
+        self._segment = self._segment.to(self._running.device)
 
     # -- installation ------------------------------------------------------------------------
     def __enter__(self):
+        """Installs the statistics collection on every BatchNorm layer. Re-entrant: a nested
+        installation (another BNStatistics of the same model, or this one again) takes over
+        until it exits, then the previous one is back exactly."""
+        self._read_running_statistics()
+        installed = []
         for index, layer in enumerate(self.layers):
             if self.fused:
+                # The instance attribute shadows the class's forward; remember what it shadowed
+                # (nothing, or an outer installation's forward) to put it back.
+                previous = layer.__dict__.get("forward")
                 layer.forward = self._fused_forward(index, layer)
-                self._handles.append(layer)
+                installed.append((layer, previous))
             else:
-                self._handles.append(layer.register_forward_hook(self._hook(index)))
+                installed.append(layer.register_forward_hook(self._hook(index)))
+        self._installed.append(installed)
         return self
 
     def __exit__(self, *exc):
-        self.remove()
+        if self._installed:
+            self._uninstall(self._installed.pop())
+        self._stats = [None] * len(self.layers)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            if isinstance(handle, nn.Module):
-                del handle.forward  # the instance attribute; the class's forward shows again
-            else:
-                handle.remove()
-        self._handles.clear()
+        """Removes every installation of this object (a safety net for interrupted runs)."""
+        while self._installed:
+            self._uninstall(self._installed.pop())
         self._stats = [None] * len(self.layers)
+
+    @staticmethod
+    def _uninstall(installed) -> None:
+        for entry in reversed(installed):
+            if isinstance(entry, tuple):
+                layer, previous = entry
+                if previous is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.forward = previous
+            else:
+                entry.remove()
 
     def _hook(self, index):
         def hook(module, inputs, output):
@@ -83,20 +113,17 @@ class BNStatistics:
 
     # -- the loss ------------------------------------------------------------------------------
     def layer_losses(self) -> torch.Tensor:
-        """[L] fp32: ‖rv_l − var_l‖₂ + ‖rm_l − mean_l‖₂ for each layer of the last forward."""
+        """[L] fp32 (fp64 for a fp64 teacher): ‖rv_l − var_l‖₂ + ‖rm_l − mean_l‖₂ for each layer of the last forward."""
         missing = [i for i, s in enumerate(self._stats) if s is None]
         if missing:
             raise RuntimeError(f"BatchNorm layers {missing} did not run in the last forward "
                                "(are they used by the model's forward?)")
-        means = [s[0].float() for s in self._stats]
-        variances = [s[1].float() for s in self._stats]
-        device = means[0].device
-        if self._running.device != device:
-            self._running = self._running.to(device)
-            self._segment = self._segment.to(device)
+        acc = self._running.dtype
+        means = [s[0].to(acc) for s in self._stats]
+        variances = [s[1].to(acc) for s in self._stats]
         diff = self._running - torch.cat(means + variances)
         count = len(self.layers)
-        squares = torch.zeros(2 * count, device=device).index_add_(0, self._segment, diff * diff)
+        squares = diff.new_zeros(2 * count).index_add_(0, self._segment, diff * diff)
         norms = torch.sqrt(squares.clamp_min(NORM_EPS * NORM_EPS))
         self._stats = [None] * count
         return norms[:count] + norms[count:]

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from dinv import Inverter, models, ops
-from dinv.cli import main as cli_main
-from dinv.data import synthesize_dataset
-from dinv.distill import CHECKPOINT, METRICS_CSV, METRICS_JSON, distill_adaptive, distill_offline
+from dinv.datasets import load_digits
+from dinv.data import load_shards, synthesize_dataset
+from dinv.distill import distill_adaptive, distill_offline
+from dinv.training import METRICS_CSV, METRICS_JSON
 from dinv.presets import digits_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def test_digits():
-    return models.load_digits("test")
+    return load_digits("test")
 
 
 def make_inverter(teacher, **overrides) -> Inverter:
@@ -81,33 +82,40 @@ def test_student_learns_digits_from_synthesized_images_only(teacher, test_digits
 
 
 def disagreement(student, teacher, images):
-    """Jensen-Shannon divergence between the two softmaxes at ADI's temperature (what its
+    """The Jensen-Shannon divergence between the two softmaxes at ADI's temperature (what its
     competition term maximizes), and the fraction of images whose top classes differ."""
     with torch.no_grad():
         s, t = student.eval()(images), teacher(images)
-    js = 1 - ops.js_competition(s, t, T=3.0).item()
+    js = 1 - ops.js_competition(s, t, T=3.0, formula="js").item()
     return js, (s.argmax(1) != t.argmax(1)).float().mean().item()
 
 
-def test_adi_competition_seeks_images_the_student_gets_wrong(teacher):
-    """A partly trained student (distilled on 100 DI images: ~50% on the real test digits) agrees
-    with the teacher on a fresh DI batch (measured over 3 seeds: JS 0.03, 2-6% of top classes
-    differ); the ADI batch from the same seed doubles as a test of the student (JS 0.21-0.25,
-    48-50% differ)."""
+@pytest.fixture(scope="module")
+def partly_trained(teacher):
+    """A student distilled on 100 DI images (60 iterations each), and a fresh DI batch."""
     student = make_student()
     pool = make_inverter(teacher).invert(list(range(10)) * 10, iterations=60, seed=1)
     distill_offline(teacher, student, pool, 50)
     targets = torch.arange(10).repeat(5)
-    di = make_inverter(teacher).invert(targets, iterations=60, seed=2)
+    return student, targets, make_inverter(teacher).invert(targets, iterations=60, seed=2)
+
+
+@pytest.mark.parametrize("competition", ["js", "reference"])
+def test_adi_competition_seeks_images_the_student_gets_wrong(teacher, partly_trained,
+                                                             competition):
+    """The partly trained student agrees with the teacher on the fresh DI batch (measured: JS
+    0.03, no top class differs); the ADI batch from the same seed, competition weight 3, doubles
+    as a test of the student (measured: JS 0.25 with the "js" term, 0.31 with the reference's;
+    74 and 76 % of top classes differ) while the teacher still sees the requested classes."""
+    student, targets, di = partly_trained
     student.train()
-    adi = make_inverter(teacher, adi_scale=1.0).invert(targets, iterations=60, student=student,
-                                                       seed=2)
+    adi = make_inverter(teacher, adi_scale=3.0, competition=competition).invert(
+        targets, iterations=60, student=student, seed=2)
     assert student.training, "the inverter must restore the student's mode"
     js_di, wrong_di = disagreement(student, teacher, di)
     js_adi, wrong_adi = disagreement(student, teacher, adi)
-    assert js_adi > js_di + 0.1, (js_di, js_adi)
-    assert wrong_adi > wrong_di + 0.2, (wrong_di, wrong_adi)
-    # Still images of the requested classes for the teacher.
+    assert js_adi > js_di + 0.15, (js_di, js_adi)
+    assert wrong_adi > wrong_di + 0.4, (wrong_di, wrong_adi)
     with torch.no_grad():
         assert (teacher(adi).argmax(1) == targets).float().mean() >= 0.9
 
@@ -170,24 +178,6 @@ def test_adaptive_rejects_a_run_too_short_to_synthesize_its_images(teacher):
                          synth_every=50, synth_batch_size=10, batch_size=100)
 
 
-@pytest.mark.parametrize("mode", ["di", "adi"])
-def test_cli_distill(mode, tmp_path):
-    args = ["distill", "--teacher", "digits", "--mode", mode, "--images", "20", "--epochs", "2",
-            "--out", str(tmp_path), "--iterations", "3", "--batch-size", "10",
-            "--kd-batch-size", "10", "--synth-every", "1"]
-    assert cli_main(args) == 0
-    for name in (CHECKPOINT, METRICS_CSV, METRICS_JSON, "student.pt", "accuracy.png"):
-        assert (tmp_path / name).exists(), name
-    metrics = json.loads((tmp_path / METRICS_JSON).read_text())
-    assert [m["epoch"] for m in metrics] == [1, 2]
-    assert all(0 <= m["val_acc"] <= 1 for m in metrics)
-    assert metrics[-1]["images_synthesized"] == 20
-    assert cli_main(args + ["--resume"]) == 0  # finished: nothing more to do
-    assert json.loads((tmp_path / METRICS_JSON).read_text()) == metrics
-    with pytest.raises(FileExistsError):
-        cli_main(args)
-
-
 def test_cifar10_recipe_smoke_run(tmp_path):
     spec = importlib.util.spec_from_file_location("cifar10_kd", ROOT / "examples" / "cifar10_kd.py")
     recipe = importlib.util.module_from_spec(spec)
@@ -195,4 +185,7 @@ def test_cifar10_recipe_smoke_run(tmp_path):
     result = recipe.main(["--smoke", "--out", str(tmp_path)])
     assert result["mode"] == "adi"
     assert os.path.exists(tmp_path / "student.pt")
-    assert json.loads((tmp_path / METRICS_JSON).read_text())[-1]["images_synthesized"] == 8
+    # ADI starts from a DI pool (the authors' recipe): 4 DI images, then 4 ADI images.
+    assert len(load_shards(tmp_path / "pool")[0]) == 4
+    last = json.loads((tmp_path / METRICS_JSON).read_text())[-1]
+    assert last["images_synthesized"] == 4 and last["pool_size"] == 8

@@ -2,9 +2,7 @@
 generate_batch, reproducibility, leaving the teacher as it was, errors, and data export."""
 from __future__ import annotations
 
-import json
-import os
-
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,9 +10,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dinv
-from dinv.augment import gather_hw, jitter_flip_indices
-from dinv.data import load_shards, synthesize_dataset
+from benchmarks.reference import reference_loss
+from dinv.augment import view_indices
 from dinv.inverter import InversionDiverged, cosine_lr, stages_for
+from dinv.model_utils import frozen
 
 
 def tiny_net(classes=5, channels=3, seed=0):
@@ -32,49 +31,6 @@ def tiny_net(classes=5, channels=3, seed=0):
     return net.eval()
 
 
-def reference_loss(net, x, targets, coef, student=None):
-    """The reference script's loss, written from its formulas (forward hooks with the
-    permute+contiguous variance, four-difference TV, batchmean-KL JS)."""
-    feature_losses = []
-
-    def hook(module, inputs, output):
-        inp = inputs[0]
-        nch = inp.shape[1]
-        mean = inp.mean([0] + list(range(2, inp.dim())))
-        var = inp.transpose(0, 1).contiguous().view([nch, -1]).var(1, unbiased=False)
-        feature_losses.append(torch.norm(module.running_var - var, 2)
-                              + torch.norm(module.running_mean - mean, 2))
-
-    handles = [m.register_forward_hook(hook) for m in net.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    try:
-        outputs = net(x)
-    finally:
-        for h in handles:
-            h.remove()
-    loss = F.cross_entropy(outputs, targets)
-    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
-    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
-    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
-    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
-    tv_l2 = torch.norm(d1) + torch.norm(d2) + torch.norm(d3) + torch.norm(d4)
-    tv_l1 = sum((d.abs() / 255.0).mean() for d in (d1, d2, d3, d4)) * 255.0
-    rescale = [coef["first_bn_multiplier"]] + [1.0] * (len(feature_losses) - 1)
-    r_feature = sum(r * s for r, s in zip(feature_losses, rescale))
-    l2 = torch.norm(x.view(x.shape[0], -1), dim=1).mean()
-    aux = coef["tv_l2"] * tv_l2 + coef["tv_l1"] * tv_l1 + coef["r_feature"] * r_feature \
-        + coef["l2"] * l2
-    if student is not None:
-        P = F.softmax(student(x) / 3.0, dim=1)
-        Q = F.softmax(outputs / 3.0, dim=1)
-        M = 0.5 * (P + Q)
-        P, Q, M = (torch.clamp(v, 0.01, 0.99) for v in (P, Q, M))
-        kl = nn.KLDivLoss(reduction="batchmean")
-        js = 0.5 * kl(torch.log(P), M) + 0.5 * kl(torch.log(Q), M)
-        aux = aux + coef["adi_scale"] * (1.0 - torch.clamp(js, 0.0, 1.0))
-    return coef["main_loss_multiplier"] * loss + aux
-
-
 COEF = dict(r_feature=0.05, first_bn_multiplier=10.0, tv_l1=0.3, tv_l2=1e-3, l2=1e-4, lr=0.1,
             main_loss_multiplier=0.7, adi_scale=0.0)
 
@@ -85,30 +41,21 @@ def test_loss_and_gradient_match_the_reference_formulas(fused_bn, adi):
     net = tiny_net()
     student = tiny_net(seed=3) if adi else None
     coef = dict(COEF, adi_scale=0.5 if adi else 0.0)
-    inv = dinv.Inverter(net, image_shape=(3, 12, 12), fused_bn=fused_bn, **coef)
+    inv = dinv.Inverter(net, image_shape=(3, 12, 12), fused_bn=fused_bn, competition="reference",
+                        **coef)
     targets = torch.tensor([0, 1, 2, 3, 4, 0])
     x = torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     mine = x.clone().requires_grad_(True)
-    with dinv.inverter.frozen(net, student), inv.statistics:
-        rows, cols = jitter_flip_indices(12, 12, 0, 0, False)
-        loss, _, _ = inv._loss(mine, rows, cols, targets, student, factor=1)
+    with frozen(net, student), inv.statistics:
+        view = view_indices(12, 12, 0, 0, False)
+        loss, _, _ = inv._loss(mine, view, None, targets, student, factor=1)
     (grad,) = torch.autograd.grad(loss, mine)
     theirs = x.clone().requires_grad_(True)
-    with dinv.inverter.frozen(net, student):
+    with frozen(net, student):
         expected = reference_loss(net, theirs, targets, coef, student)
     (expected_grad,) = torch.autograd.grad(expected, theirs)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("flip", [False, True])
-@pytest.mark.parametrize("dy,dx", [(0, 0), (3, -2), (-7, 9)])
-def test_jitter_flip_index_math_is_roll_then_flip(dy, dx, flip):
-    x = torch.randn(2, 3, 7, 9)
-    expected = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-    if flip:
-        expected = torch.flip(expected, dims=(3,))
-    assert torch.equal(gather_hw(x, *jitter_flip_indices(7, 9, dy, dx, flip)), expected)
 
 
 def test_schedule_and_stages():
@@ -258,7 +205,7 @@ def test_clear_errors():
         inv.invert([-1], iterations=2)
     with pytest.raises(ValueError, match="empty"):
         inv.invert([], iterations=2)
-    with pytest.raises(ValueError, match="init must have shape"):
+    with pytest.raises(ValueError, match="init must be a tensor of shape"):
         inv.invert([0], iterations=2, init=torch.zeros(1, 3, 9, 9))
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         dinv.Inverter(tiny_net(), image_shape=(8, 8))
@@ -282,55 +229,176 @@ def test_clipped_to_valid_pixels():
     assert (images >= lo - 1e-6).all() and (images <= hi + 1e-6).all()
 
 
-def test_reference_constructor_and_generate_batch(tmp_path):
-    """The reference script's own call, with only the import changed."""
-    torchvision = pytest.importorskip("torchvision")
-    from dinv import Inverter as DeepInversionClass
-
-    net = torchvision.models.resnet18(weights=None).eval()
-    parameters = dict(resolution=32, random_label=False, start_noise=True, detach_student=False,
-                      do_flip=True, store_best_images=True, iterations=3)
-    coefficients = dict(r_feature=0.01, first_bn_multiplier=10.0, tv_l1=0.0, tv_l2=0.0001,
-                        l2=0.00001, lr=0.25, main_loss_multiplier=1.0, adi_scale=0.0)
-    seen = []
-    generator = DeepInversionClass(
-        bs=5, use_fp16=False, net_teacher=net, path=str(tmp_path / "gen"),
-        final_data_path=str(tmp_path / "final"), parameters=parameters, setting_id=0,
-        jitter=30, criterion=nn.CrossEntropyLoss(), coefficients=coefficients,
-        network_output_function=lambda x: x,
-        hook_for_display=lambda inputs, targets: seen.append(inputs.shape))
-    images = generator.generate_batch(net_student=None, targets=None)
-    assert images.shape == (5, 3, 32, 32)
-    # The preselected classes, cut to the batch size (no multiple-of-42 restriction).
-    written = sorted(os.listdir(tmp_path / "final"))
-    assert written == ["s001", "s025", "s933", "s946", "s980"]
-    assert os.listdir(tmp_path / "gen" / "best_images")
-    assert seen == [(5, 3, 32, 32)]
-    images = generator.generate_batch(targets=[3, 3])
-    assert images.shape == (2, 3, 32, 32)
-    assert len(os.listdir(tmp_path / "final" / "s003")) == 2
-
-
-def test_dataset_export_resumes_without_loss_or_duplicates(tmp_path):
-    net = tiny_net()
+def test_running_statistics_are_read_at_every_invert():
+    """A load_state_dict after the Inverter was built is honoured, as the reference reads the
+    running statistics at every forward."""
+    net, other = tiny_net(seed=0), tiny_net(seed=1)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     inv = dinv.Inverter(net, image_shape=(3, 8, 8))
-    common = dict(num_images=7, classes=[0, 1, 2], batch_size=3, iterations=3, seed=5)
-    synthesize_dataset(inv, str(tmp_path / "full"), **common)
+    before = inv.bn_losses(x)
+    net.load_state_dict(other.state_dict())
+    after = inv.bn_losses(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, dinv.Inverter(other, image_shape=(3, 8, 8)).bn_losses(x))
 
-    def interrupt(batch, images, labels):
-        if batch == 1:
-            raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        synthesize_dataset(inv, str(tmp_path / "resumed"), on_batch=interrupt, **common)
-    with open(tmp_path / "resumed" / "manifest.json") as f:
-        assert json.load(f)["completed"] == [0, 1]
-    synthesize_dataset(inv, str(tmp_path / "resumed"), **common)
-    full, resumed = load_shards(str(tmp_path / "full")), load_shards(str(tmp_path / "resumed"))
-    assert torch.equal(full[0], resumed[0]) and torch.equal(full[1], resumed[1])
-    assert full[1].tolist() == [0, 1, 2, 0, 1, 2, 0]
-    pngs = sum(len(files) for _, _, files in os.walk(tmp_path / "resumed" / "images"))
-    assert pngs == 7
-    assert (tmp_path / "resumed" / "grid.png").exists()
-    with pytest.raises(ValueError, match="another configuration"):
-        synthesize_dataset(inv, str(tmp_path / "full"), **dict(common, seed=6))
+def test_seed_none_draws_from_the_global_generator_without_reseeding_it():
+    inv = dinv.Inverter(tiny_net(), image_shape=(3, 8, 8), jitter=2)
+    torch.manual_seed(7)
+    a = inv.invert([0, 1], iterations=3)
+    after_a = torch.rand(3)
+    torch.manual_seed(7)
+    b = inv.invert([0, 1], iterations=3)
+    after_b = torch.rand(3)
+    assert torch.equal(a, b) and torch.equal(after_a, after_b)
+    torch.manual_seed(7)
+    torch.rand(1)
+    assert not torch.equal(inv.invert([0, 1], iterations=3), a)
+
+
+def test_augment_seed_fixes_the_views_alone():
+    inv = dinv.Inverter(tiny_net(), image_shape=(3, 8, 8), jitter=3)
+    a = inv.invert([0, 1], iterations=4, seed=1, augment_seed=5)
+    b = inv.invert([0, 1], iterations=4, seed=1, augment_seed=5)
+    c = inv.invert([0, 1], iterations=4, seed=1, augment_seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_competition_option_selects_the_formula():
+    net, student = tiny_net(), tiny_net(seed=3)
+    with torch.no_grad():
+        student[-1].weight.mul_(20)  # a student that disagrees with the teacher
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([0, 1, 2, 3, 4, 0])
+    view = view_indices(8, 8, 0, 0, False)
+    terms = {}
+    for formula in ("js", "reference"):
+        inv = dinv.Inverter(net, image_shape=(3, 8, 8), adi_scale=1.0, competition=formula)
+        with frozen(net, student), inv.statistics:
+            terms[formula] = inv._loss(x, view, None, targets, student, factor=1)[2]["competition"]
+    with torch.no_grad():
+        p, q = F.softmax(student(x) / 3.0, 1), F.softmax(net(x) / 3.0, 1)
+    m = 0.5 * (p + q)
+    js = 0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)
+    torch.testing.assert_close(terms["js"], 1 - js.mean(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(terms["js"], terms["reference"])
+    with pytest.raises(ValueError, match="competition"):
+        dinv.Inverter(net, image_shape=(3, 8, 8), competition="kl")
+
+
+def test_a_float64_teacher_is_inverted_in_float64():
+    net = tiny_net().double()
+    images = dinv.Inverter(net, image_shape=(3, 8, 8)).invert([0, 1], iterations=3, seed=0)
+    assert images.dtype == torch.float64 and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_teacher_gets_fp32_images(dtype):
+    net = tiny_net().to(dtype)
+    images = dinv.Inverter(net, image_shape=(3, 8, 8)).invert([0, 1], iterations=3, seed=0)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("fused_bn", [False, True])
+def test_two_inverters_on_one_teacher_nest(fused_bn):
+    """An Inverter's callback that uses another Inverter of the same teacher: installation is
+    re-entrant, and the teacher comes back untouched."""
+    net = tiny_net()
+    before = _teacher_state(net)
+    outer = dinv.Inverter(net, image_shape=(3, 8, 8), fused_bn=fused_bn, log_every=1)
+    inner = dinv.Inverter(net, image_shape=(3, 8, 8), fused_bn=fused_bn)
+    seen = []
+
+    def callback(iteration, images, terms):
+        seen.append(inner.bn_losses(images))
+        inner.invert([1], iterations=1, seed=0)
+
+    outer.invert([0, 1], iterations=3, seed=0, callback=callback)
+    assert len(seen) == 3 and all(torch.isfinite(s).all() for s in seen)
+    _assert_untouched(net, before)
+
+
+def _fuzz_case(rng):
+    """One random (teacher, Inverter arguments, invert arguments), valid or not."""
+    channels = rng.choice([1, 3])
+    height, width = rng.randint(1, 12), rng.randint(1, 12)
+    dtype = rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    teacher = tiny_net(classes=rng.choice([2, 5]), channels=channels, seed=rng.randint(0, 3))
+    teacher = teacher.to(dtype)
+    kwargs = dict(image_shape=(channels, height, width), mean=(0.5,) * channels,
+                  std=(0.25,) * channels, setting_id=rng.choice([0, 1, 2]),
+                  jitter=rng.randint(0, 4), jitter_mode=rng.choice(["roll", "shift"]),
+                  flip=rng.random() < 0.5, fused_bn=rng.random() < 0.5,
+                  channels_last=rng.random() < 0.3, lr=rng.choice([1e-3, 0.05, 0.25, 1.0]),
+                  r_feature=rng.choice([0.0, 0.05, 1.0]), tv_l1=rng.choice([0.0, 0.1]),
+                  tv_l2=rng.choice([0.0, 1e-3]), l2=rng.choice([0.0, 1e-4]),
+                  competition=rng.choice(["js", "reference"]), log_every=rng.choice([1, 100]))
+    if dtype == torch.float32 and rng.random() < 0.2:
+        kwargs["amp_dtype"] = torch.bfloat16
+    student = None
+    if rng.random() < 0.25:
+        kwargs["adi_scale"] = rng.choice([0.5, 2.0])
+        student = tiny_net(classes=teacher[-1].out_features, channels=channels, seed=5).to(dtype)
+    bad = rng.random()
+    if bad < 0.04:
+        kwargs["std"] = (0.0,) * channels
+    elif bad < 0.07:
+        kwargs["lr"] = rng.choice([float("inf"), float("nan"), 0.0, -1.0])
+    elif bad < 0.10:
+        kwargs["image_shape"] = (channels, -height, width)
+    elif bad < 0.12:
+        kwargs["r_feature"] = rng.choice([-1.0, float("nan")])
+    count = rng.randint(1, 4)
+    targets = [rng.randint(0, 1) for _ in range(count)]
+    kind = rng.random()
+    if kind < 0.05:
+        targets = None
+    elif kind < 0.10:
+        targets = [float(t) for t in targets]
+    elif kind < 0.13:
+        targets = [bool(t) for t in targets]
+    elif kind < 0.16:
+        targets = [targets]  # 2-D
+    elif kind < 0.19:
+        targets = [9]  # beyond the outputs
+    elif kind < 0.22:
+        targets = []
+    elif kind < 0.26:
+        targets = np.array(targets)
+    elif kind < 0.30:
+        targets = torch.tensor(targets)
+    iterations = rng.choice([1, 2, [1, 1], np.int64(2), None])
+    if rng.random() < 0.08:
+        iterations = rng.choice([[0, 0], [0], 1.5, 0, -2, "2"])
+    if iterations is None:
+        iterations = [1, 1] if kwargs["setting_id"] == 0 else 1
+    return teacher, kwargs, dict(targets=targets, iterations=iterations, student=student,
+                                 seed=rng.randint(0, 9))
+
+
+def test_fuzz_invert_gives_finite_images_or_a_clear_error():
+    """600 random (shape, dtype, layout, targets, settings) combinations through
+    Inverter.invert for 1-2 iterations: either finite images of the right shape and dtype, or a
+    ValueError/TypeError raised before any work; never another exception, never NaN."""
+    import random
+
+    rng = random.Random(0)
+    outcomes = {"images": 0, "error": 0}
+    for case in range(600):
+        teacher, kwargs, call = _fuzz_case(rng)
+        try:
+            inv = dinv.Inverter(teacher, **kwargs)
+            images = inv.invert(**call)
+        except (ValueError, TypeError):
+            outcomes["error"] += 1
+            continue
+        except Exception as error:  # noqa: BLE001 - the point of the test
+            raise AssertionError(f"case {case}: {kwargs} {call}: {type(error).__name__}: "
+                                 f"{error}") from error
+        expected = torch.float64 if teacher[0].weight.dtype == torch.float64 else torch.float32
+        assert images.dtype == expected, (case, kwargs)
+        assert images.shape == (len(call["targets"]),) + kwargs["image_shape"], (case, kwargs)
+        assert torch.isfinite(images).all(), (case, kwargs, call)
+        outcomes["images"] += 1
+    # Both kinds of outcome are exercised in earnest.
+    assert outcomes["images"] > 250 and outcomes["error"] > 100, outcomes
