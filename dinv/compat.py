@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .imaging import IMAGENET_MEAN, IMAGENET_STD, save_grid, to_pil
+from .distributed import current
 from .model_utils import model_device
 
 REFERENCE_KWARGS = ("bs", "use_fp16", "net_teacher", "path", "final_data_path", "parameters",
@@ -53,14 +54,6 @@ DECIDES = {
 }
 
 
-def distributed_rank() -> int:
-    """The process's rank in the default process group (0 without one): the reference names its
-    files by GPU rank."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 @dataclass
 class ReferenceOutput:
     """What `generate_batch` does besides inverting: the reference's batch size and default
@@ -88,7 +81,7 @@ class ReferenceOutput:
     def progress_callback(self, targets, mean, std):
         """The reference's every-100-iterations grid of the current images (and the display
         hook's call)."""
-        rank = distributed_rank()
+        rank = current().rank
 
         def save(iteration, images, terms):
             save_grid(images, os.path.join(self.path, "best_images",
@@ -101,7 +94,7 @@ class ReferenceOutput:
     def store(self, images, targets, mean, std) -> None:
         """The final images: dinv's ImageFolder layout (`s{class:03d}/img_{gen:05d}_id{i:03d}.png`)
         or the reference's flat names (`img_s{class:03d}_{gen:05d}_id{i:03d}_gpu_{rank}_2.jpg`)."""
-        rank = distributed_rank()
+        rank = current().rank
         for index, (image, target) in enumerate(zip(to_pil(images, mean, std), targets.tolist())):
             if self.final_layout == "flat":
                 folder = self.final_data_path

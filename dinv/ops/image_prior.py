@@ -72,6 +72,43 @@ def image_prior_reference(x: torch.Tensor) -> ImagePrior:
     return ImagePrior(tv_l1, tv_l2, l2)
 
 
+def image_prior_sums_reference(x: torch.Tensor):
+    """The torch formulation of `image_prior_sums`."""
+    _check(x)
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    differences = tv_differences(xf)
+    tv = torch.stack([torch.stack([d.abs().sum() for d in differences]),
+                      torch.stack([(d * d).sum() for d in differences])])
+    return tv, (xf * xf).flatten(1).sum(1)
+
+
+def image_prior_sums(x: torch.Tensor):
+    """([2, 4]: Σ|d_k| and Σd_k² of the four neighbour differences, [N]: Σx² of each image), fp32
+    (fp64 for fp64 input), from one pass over `x`: the priors before their divisions and square
+    roots, so that a batch spread over processes can add its parts' sums first
+    (`prior_from_sums` finishes them)."""
+    _check(x)
+    backend = _backends.select("image_prior_sums", x)
+    if backend == "reference":
+        return image_prior_sums_reference(x)
+    return _backends.primitives(backend).image_prior_sums(x)
+
+
+def prior_from_sums(tv: torch.Tensor, norm_sum: torch.Tensor, counts, num_images: int):
+    """The ImagePrior of a batch from its `image_prior_sums` `tv`, the sum over its images of
+    their norms (Σ_n sqrt(Σx²)), its `difference_counts` and its number of images."""
+    make = _difference_weights.__wrapped__ if torch.compiler.is_compiling() else \
+        _difference_weights
+    divisors, present = make(tuple(counts), tv.dtype, tv.device)
+    return ImagePrior(tv_l1=(tv[0] / divisors).sum(), tv_l2=(_safe_sqrt(tv[1]) * present).sum(),
+                      l2=norm_sum / max(num_images, 1))
+
+
+def image_norms(squares: torch.Tensor) -> torch.Tensor:
+    """Each image's norm from its Σx², with the gradient 0 (not NaN) at an all-zero image."""
+    return _safe_sqrt(squares)
+
+
 def image_prior(x: torch.Tensor) -> ImagePrior:
     """(tv_l1, tv_l2, l2) of images `x` [N, C, H, W], forward and backward each in one pass over
     `x` on the native backends, whichever of the three the caller uses."""
@@ -79,14 +116,8 @@ def image_prior(x: torch.Tensor) -> ImagePrior:
     backend = _backends.select("image_prior_sums", x)
     if backend == "reference":
         return image_prior_reference(x)
-    tv, sq = _backends.primitives(backend).image_prior_sums(x)
-    make = _difference_weights.__wrapped__ if torch.compiler.is_compiling() else \
-        _difference_weights
-    divisors, present = make(difference_counts(x), tv.dtype, tv.device)
-    tv_l1 = (tv[0] / divisors).sum()
-    tv_l2 = (_safe_sqrt(tv[1]) * present).sum()
-    l2 = _safe_sqrt(sq).mean() if x.shape[0] else sq.sum()
-    return ImagePrior(tv_l1, tv_l2, l2)
+    tv, squares = _backends.primitives(backend).image_prior_sums(x)
+    return prior_from_sums(tv, image_norms(squares).sum(), difference_counts(x), x.shape[0])
 
 
 def _tv_kind(kind: str) -> int:

@@ -85,10 +85,10 @@ def js_competition_reference(student_logits, teacher_logits, T: float = 3.0,
     return _loss(js, formula)
 
 
-def js_competition(student_logits, teacher_logits, T: float = 3.0, detach_student: bool = False,
-                   formula: str = "reference"):
-    """1 − JS(softmax(s/T) ‖ softmax(t/T)) in formula "reference" (clamped, the NVlabs code's) or
-    "js" (the true divergence). `detach_student=True`: no gradient to the student's logits."""
+def js_divergence(student_logits, teacher_logits, T: float = 3.0, detach_student: bool = False,
+                  formula: str = "reference"):
+    """The batch-mean divergence of `formula` before the competition loss is formed from it (the
+    reference formula's clamp acts on the mean: a batch spread over processes averages first)."""
     _check_logits(student_logits, teacher_logits)
     _check_formula(formula)
     if detach_student:
@@ -96,6 +96,23 @@ def js_competition(student_logits, teacher_logits, T: float = 3.0, detach_studen
     op = _ROWS_OP[formula]
     backend = _backends.select(op, student_logits, teacher_logits)
     if backend == "reference":
-        return js_competition_reference(student_logits, teacher_logits, T, formula)
-    rows = getattr(_backends.primitives(backend), op)(student_logits, teacher_logits, float(T))
-    return _loss(rows.mean(), formula)
+        if formula == "reference":
+            return _clamped_js_reference(student_logits, teacher_logits, T)
+        return js_divergence_rows_reference(student_logits, teacher_logits, T).mean()
+    return getattr(_backends.primitives(backend), op)(student_logits, teacher_logits,
+                                                      float(T)).mean()
+
+
+def competition_loss(divergence: torch.Tensor, formula: str = "reference") -> torch.Tensor:
+    """The competition loss from a batch-mean divergence: 1 − clamp(JS, 0, 1) ("reference") or
+    1 − JS ("js")."""
+    _check_formula(formula)
+    return _loss(divergence, formula)
+
+
+def js_competition(student_logits, teacher_logits, T: float = 3.0, detach_student: bool = False,
+                   formula: str = "reference"):
+    """1 − JS(softmax(s/T) ‖ softmax(t/T)) in formula "reference" (clamped, the NVlabs code's) or
+    "js" (the true divergence). `detach_student=True`: no gradient to the student's logits."""
+    return _loss(js_divergence(student_logits, teacher_logits, T, detach_student, formula),
+                 formula)
