@@ -457,6 +457,107 @@ def bench_workload(workload: Workload, plan, device, args, flops, log, profiles=
 
 
 # =============================================================================================
+# Several processes (throughput.py --distributed)
+# =============================================================================================
+DISTRIBUTED_EVERY = 10
+
+
+@dataclass(frozen=True)
+class DistributedRow:
+    """One timed row of the --distributed benchmark: `processes` ranks of `threads` threads, in
+    mode "single" (one process), "independent" (each rank inverts its own batch of `batch`
+    images) or "global" (one batch of `batch` images, `Inverter(distributed=True)`)."""
+    label: str
+    mode: str
+    processes: int
+    threads: int
+    batch: int
+
+
+def distributed_rows(process_counts, batch: int, device) -> list:
+    """One process, then per count N > 1: (CPU) one process of N threads, N independent
+    batches, one global batch of N·batch (each rank `batch`), one of `batch` (each batch/N)."""
+    rows = [DistributedRow("1 process", "single", 1, 1, batch)]
+    for count in (c for c in process_counts if c > 1):
+        if device == "cpu":
+            rows.append(DistributedRow(f"1 process, {count} threads", "single", 1, count, batch))
+        rows += [DistributedRow(f"{count} processes, independent batches of {batch}",
+                                "independent", count, 1, batch),
+                 DistributedRow(f"{count} processes, one global batch of {count * batch}",
+                                "global", count, 1, count * batch),
+                 DistributedRow(f"{count} processes, one global batch of {batch}", "global",
+                                count, 1, batch)]
+    return rows
+
+
+def time_rank(workload: Workload, options: dict, row: DistributedRow, rounds: int, iters: int,
+              device) -> dict:
+    """Run in each process of a row: {"s_per_it": its median steady seconds per iteration,
+    "images": the images it optimizes}. Every call starts together on all ranks (barrier);
+    independent ranks start from their own noise and draws."""
+    from dinv import distributed
+
+    ranks = distributed.current()
+    runner = DinvRunner(workload.teacher().to(device), workload,
+                        dict(options, distributed=row.mode == "global"))
+    targets = (torch.arange(row.batch) % workload.classes).to(device)
+    offset = ranks.rank if row.mode == "independent" else 0
+    # Timestamps (callbacks, and a global batch's divergence check with them) every 10
+    # iterations, as a real run's log_every=100 would not add them to every iteration.
+    every = min(DISTRIBUTED_EVERY, iters)
+    iters = int(math.ceil(iters / every) * every)
+
+    def init_images(seed):
+        g = torch.Generator().manual_seed(seed + offset)
+        return torch.randn((row.batch,) + workload.image_shape, generator=g).to(device)
+
+    timed_call(runner, device, targets, 2, init_images(1234), 1234 + offset, 1)
+    samples = []
+    for r in range(rounds):
+        distributed.barrier(ranks)
+        seed = 100 + r
+        stamps, its, _ = timed_call(runner, device, targets, every + iters, init_images(seed),
+                                    seed + offset, every)
+        samples += steady_samples(stamps, its, every)
+    runner.close()
+    images = row.batch if row.mode != "global" else \
+        distributed.split_sizes(row.batch, ranks.size)[ranks.rank]
+    return {"s_per_it": _median(samples), "images": images}
+
+
+def bench_distributed(workload: Workload, options: dict, rows, rounds: int, iters: int, device,
+                      log) -> list:
+    """Every row timed in its own group of processes (gloo on CPU, NCCL on GPUs, one GPU per
+    rank); returns one dict per row: seconds per iteration of its slowest rank, images ·
+    iterations per second (independent: the ranks' sum; global: the batch over the slowest
+    rank's time) and the scaling efficiency: the rate over the first row's times the cores
+    (processes × threads) or GPUs used."""
+    from dinv.distributed import run_local
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    results, base = [], None
+    for row in rows:
+        if device == "cuda" and row.processes > torch.cuda.device_count():
+            log(f"  {row.label}: skipped ({torch.cuda.device_count()} GPU(s))")
+            continue
+        ranks = run_local(time_rank, row.processes, workload, options, row, rounds, iters,
+                          device, backend=backend, threads=row.threads, timeout_s=1800)
+        slowest = max(r["s_per_it"] for r in ranks)
+        rate = sum(r["images"] / r["s_per_it"] for r in ranks) if row.mode == "independent" \
+            else row.batch / slowest
+        base = base or rate
+        result = {**asdict(row), "workload": workload.name, "device": device,
+                  "options": ",".join(f"{k}={v}" for k, v in options.items()),
+                  "s_per_it": slowest, "img_it_per_s": rate,
+                  "scaling_efficiency": rate / (row.processes * row.threads * base),
+                  "rank_s_per_it": [r["s_per_it"] for r in ranks]}
+        results.append(result)
+        log(f"  {row.label:42s} {slowest * 1e3:8.1f} ms/it  {rate:9.1f} img*it/s  "
+            f"efficiency {result['scaling_efficiency']:.2f}")
+    return results
+
+
+# =============================================================================================
 # Reporting
 # =============================================================================================
 def loadavg():

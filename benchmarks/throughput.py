@@ -7,6 +7,7 @@ benchmarks/reference.py, the measurement machinery benchmarks/harness.py.
     PYTHONPATH=. python benchmarks/throughput.py --quick            # a few minutes on 2 CPU cores
     PYTHONPATH=. python benchmarks/throughput.py                    # full (GPU: all workloads)
     PYTHONPATH=. python benchmarks/throughput.py --workloads digits --configs eager,ops,compile
+    PYTHONPATH=. python benchmarks/throughput.py --distributed      # 1 vs 2 processes (gloo/NCCL)
 
 What is timed: one optimization iteration (jitter, forward, losses, backward, Adam step, clip,
 best-image bookkeeping, as each implementation does it), steady state, at full resolution
@@ -21,6 +22,12 @@ best-image bookkeeping, as each implementation does it), steady state, at full r
   CPU; 10 on GPU, with a synchronize), the first `warmup` iterations of each call are dropped, and
   the reported figure is the median of all kept samples; ratios compare medians of one run;
 - memory is measured in one extra short call per configuration (see MEMORY_NOTE).
+
+--distributed times dinv (one configuration, default channels-last) in groups of processes
+started on this machine (`dinv.distributed.run_local`: gloo over loopback on CPU, one thread
+per process; NCCL and one GPU per process on GPUs): one process, N independent batches, and one
+global batch over N processes (weak: N·batch; strong: batch), and prints images·iterations/s
+and the scaling efficiency against one process.
 """
 from __future__ import annotations
 
@@ -211,6 +218,10 @@ def parse_args(argv=None):
                         "per configuration, ROWS ops by self time")
     p.add_argument("--mm-size", type=int, default=None,
                    help="matrix size of the peak matmul (default 2048 CPU, 8192 GPU)")
+    p.add_argument("--distributed", action="store_true",
+                   help="1 vs N processes instead (see the docstring); one --configs entry")
+    p.add_argument("--processes", default="2", help="--distributed: comma list of process "
+                   "counts besides 1 (default 2)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--name", default=None, help="file stem (default throughput-<device>[-quick])")
     args = p.parse_args(argv)
@@ -241,9 +252,42 @@ def _config_list(args, device, log) -> list:
     return config_list
 
 
+def main_distributed(args, device, log):
+    """--distributed: the rows of harness.distributed_rows per workload; writes
+    throughput-distributed-<device>.csv/json."""
+    names = (args.configs or "channels-last").split(",")
+    config = next((c for c in configs(args.amp_dtype_t) if c.name == names[0]), None)
+    if len(names) != 1 or config is None or config.kind != "dinv" or config.compiles:
+        raise SystemExit("--distributed times one eager dinv configuration (--configs ops, "
+                         "fused-bn, channels-last or amp)")
+    options = resolve_options(config, device, args.amp_dtype_t)
+    available = workloads(device, args.quick)
+    meta = harness.machine_info(device)
+    meta["args"] = {k: v for k, v in vars(args).items() if k != "amp_dtype_t"}
+    log(f"# DeepInversion throughput over processes  {meta['date']}  torch {meta['torch']}  "
+        f"device {device} ({meta.get('gpu') or meta['cpu']}, {meta['cpu_count']} CPUs, load avg "
+        f"{meta.get('loadavg_start')})  config {config.name}")
+    results = []
+    for name in (args.workloads or "digits").split(","):
+        workload = available[name]
+        batch = args.batch or workload.batch
+        log(f"## {name}: batch {batch} per process, image {workload.image_shape}")
+        rows = harness.distributed_rows([int(c) for c in args.processes.split(",")], batch,
+                                        device)
+        results += harness.bench_distributed(workload, options, rows, args.rounds or 3,
+                                             args.iters or 20, device, log)
+    stem = args.name or f"throughput-distributed-{device}"
+    paths = harness.write_rows(Path(args.out), stem, results, meta,
+                               as_json=("rank_s_per_it",))
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return results, paths
+
+
 def main(argv=None, log=print):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.distributed:
+        return main_distributed(args, device, log)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cold_compile:

@@ -4,6 +4,7 @@ and verified), and the bounded replay pool that online synthesis (ADI) trains fr
 Layout of `out_dir`:
     manifest.json           the run's configuration, the finished batches, each shard's size and
                             SHA-256
+    progress/rank_00001.json  (while several ranks run) the batches one rank finished
     shards/batch_00000.pt   {"images": fp16 [B, C, H, W] normalized, "labels": long [B]}
     images/<class>/b00000_i000.png   ImageFolder layout
     grid.png                preview of the latest batch
@@ -15,6 +16,14 @@ no batch lost or written twice. The manifest records everything that decides the
 teacher's weights by hash, every inversion setting, shape, normalization, seed, dinv's version):
 a rerun with anything else refuses to mix the two runs and says what differs. A shard that was
 deleted, truncated or altered since is noticed on resume and synthesized again.
+
+Under torchrun (an initialized default process group) the ranks share the batches (independent
+batches, `dinv.distributed.round_robin`): rank r synthesizes batches r, r + N, ... with the seeds
+one process would use, so the dataset is the one a single process writes. Each rank records its
+finished batches in its own progress file; rank 0 gathers them into the one manifest at the end,
+and merges the progress files of an interrupted run when it resumes (with any number of ranks),
+so no batch is lost or synthesized twice whichever rank died. With an Inverter of a global batch
+(`distributed=True`) every rank works on every batch and rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import shutil
 
 import torch
 
+from . import distributed
 from ._version import __version__
 from .files import (DamagedFile, atomic_json, atomic_save, describe_difference, file_digest,
                     load_tensors)
@@ -31,6 +41,7 @@ from .imaging import save_grid, to_pil
 from .model_utils import state_hash
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress"
 
 
 def batch_targets(classes, num_images: int, batch_size: int, batch: int) -> list:
@@ -45,6 +56,10 @@ def batch_seed(seed: int, batch: int) -> int:
 
 def shard_name(batch: int) -> str:
     return os.path.join("shards", f"batch_{batch:05d}.pt")
+
+
+def progress_name(rank: int) -> str:
+    return os.path.join(PROGRESS, f"rank_{rank:05d}.json")
 
 
 def dataset_config(inverter, num_images, batch_size, classes, iterations, seed, student) -> dict:
@@ -85,23 +100,31 @@ def _clear(out_dir) -> None:
     for name in (MANIFEST, "grid.png"):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    for folder in ("shards", "images"):
+    for folder in ("shards", "images", PROGRESS):
         shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)
 
 
-def synthesize_dataset(inverter, out_dir, num_images: int, classes, batch_size: int = 64,
-                       iterations=None, seed: int = 0, student=None, save_png: bool = True,
-                       class_names=None, progress: bool = False, on_batch=None,
-                       overwrite: bool = False) -> dict:
-    """Synthesizes `num_images` images of `classes` into `out_dir` (see the module doc); resumes
-    a previous run of the same configuration, refuses one of another configuration unless
-    `overwrite` (which deletes it first). Returns the manifest."""
-    classes = [int(c) for c in classes]
-    if num_images < 1 or batch_size < 1 or not classes:
-        raise ValueError("need num_images >= 1, batch_size >= 1 and at least one class")
-    out_dir = os.fspath(out_dir)
+def _progress_records(out_dir) -> list:
+    """Paths of the ranks' progress files of an interrupted multi-rank run."""
+    folder = os.path.join(out_dir, PROGRESS)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.startswith("rank_") and name.endswith(".json"))
+
+
+def _merge(manifest, shards: dict) -> None:
+    """Adds finished batches (batch -> shard digest) to a manifest."""
+    manifest["shards"].update(shards)
+    manifest["completed"] = sorted(set(manifest["completed"]) | {int(b) for b in shards})
+
+
+def _prepare(out_dir, config, overwrite: bool, write: bool) -> dict:
+    """The manifest to continue from: a previous run's (refused if of another configuration),
+    with the batches of its ranks' progress files merged in, keeping only the batches whose
+    shards verify. Written when it merged progress files (which are then deleted) or when
+    `write` (a multi-rank run: its configuration is on disk before any progress file)."""
     path = os.path.join(out_dir, MANIFEST)
-    config = dataset_config(inverter, num_images, batch_size, classes, iterations, seed, student)
     if overwrite:
         _clear(out_dir)
     manifest = {"config": config, "completed": [], "shards": {}}
@@ -112,34 +135,79 @@ def synthesize_dataset(inverter, out_dir, num_images: int, classes, batch_size: 
                              f"{describe_difference(previous['config'], config)}); use another "
                              "folder, or overwrite=True (`--overwrite`) to start afresh")
         manifest = previous
-        manifest["completed"] = verified_batches(out_dir, manifest)
-        manifest["shards"] = {str(b): manifest["shards"][str(b)] for b in manifest["completed"]}
+    records = _progress_records(out_dir)
+    for record in records:
+        try:
+            with open(record) as f:
+                shards = json.load(f)["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # damaged since (it is written atomically): its batches are redone
+        _merge(manifest, shards)
+    manifest["completed"] = verified_batches(out_dir, manifest)
+    manifest["shards"] = {str(b): manifest["shards"][str(b)] for b in manifest["completed"]}
     os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+    if records or write:
+        atomic_json(manifest, path)
+    for record in records:
+        os.remove(record)
+    return manifest
+
+
+def synthesize_dataset(inverter, out_dir, num_images: int, classes, batch_size: int = 64,
+                       iterations=None, seed: int = 0, student=None, save_png: bool = True,
+                       class_names=None, progress: bool = False, on_batch=None,
+                       overwrite: bool = False) -> dict:
+    """Synthesizes `num_images` images of `classes` into `out_dir` (see the module doc); resumes
+    a previous run of the same configuration, refuses one of another configuration unless
+    `overwrite` (which deletes it first). Returns the manifest (on every rank).
+
+    on_batch(batch, images, labels): called after each batch is recorded, on the rank that
+    synthesized it (with a global batch: on every rank)."""
+    classes = [int(c) for c in classes]
+    if num_images < 1 or batch_size < 1 or not classes:
+        raise ValueError("need num_images >= 1, batch_size >= 1 and at least one class")
+    out_dir = os.fspath(out_dir)
+    path = os.path.join(out_dir, MANIFEST)
+    config = dataset_config(inverter, num_images, batch_size, classes, iterations, seed, student)
+    global_batches = inverter.ranks is not None
+    ranks = inverter.ranks if global_batches else distributed.current()
+    # Rank 0 alone reads, verifies and merges what is on disk; every rank continues from its
+    # answer, so that they all agree on what is left to do.
+    independent = ranks.size > 1 and not global_batches
+    manifest = distributed.on_first_rank(
+        lambda: _prepare(out_dir, config, overwrite, write=independent), ranks)
     num_batches = -(-num_images // batch_size)
     done = set(manifest["completed"])
     todo = [b for b in range(num_batches) if b not in done]
+    mine = distributed.round_robin(todo, ranks) if independent else todo
+    # In a global batch every rank has the images; rank 0 writes them.
+    writes = not global_batches or ranks.first
+    finished = {}  # independent ranks: this rank's batches -> shard digest (its progress file)
     bar = None
-    if progress:
+    if progress and ranks.first:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_batches, initial=num_batches - len(todo), desc="batches",
-                   unit="batch", position=0)
+        share = f" (rank 0's share of {ranks.size} ranks)" if independent else ""
+        bar = tqdm(total=num_batches - len(todo) + len(mine), initial=num_batches - len(todo),
+                   desc="batches" + share, unit="batch", position=0)
     try:
-        for batch in todo:
+        for batch in mine:
             targets = batch_targets(classes, num_images, batch_size, batch)
             images = inverter.invert(targets, iterations=iterations, student=student,
                                      seed=batch_seed(seed, batch))
             labels = torch.tensor(targets)
-            if save_png:
-                _save_pngs(images, targets, out_dir, batch, inverter, class_names)
-            shard = os.path.join(out_dir, shard_name(batch))
-            atomic_save({"images": images.detach().cpu().half(), "labels": labels}, shard)
-            save_grid(images, os.path.join(out_dir, "grid.png"), inverter.mean, inverter.std,
-                      nrow=min(len(classes), 10),
-                      upscale=max(1, 64 // inverter.image_shape[-1]))
-            manifest["shards"][str(batch)] = file_digest(shard)
-            manifest["completed"] = sorted(manifest["completed"] + [batch])
-            atomic_json(manifest, path)
+            if writes:
+                record = _write_batch(images, labels, batch, out_dir, inverter, save_png,
+                                      class_names, grid_rows=min(len(classes), 10) if ranks.first
+                                      else 0)
+                if independent:
+                    finished[str(batch)] = record
+                    atomic_json({"shards": finished},
+                                os.path.join(out_dir, progress_name(ranks.rank)))
+                else:
+                    manifest["shards"][str(batch)] = record
+                    manifest["completed"] = sorted(manifest["completed"] + [batch])
+                    atomic_json(manifest, path)
             if on_batch is not None:
                 on_batch(batch, images, labels)
             if bar is not None:
@@ -147,6 +215,38 @@ def synthesize_dataset(inverter, out_dir, num_images: int, classes, batch_size: 
     finally:
         if bar is not None:
             bar.close()
+    if independent:
+        # Every rank has finished (the gather waits for all); rank 0 records their batches.
+        parts = distributed.gather_objects(finished, ranks)
+        manifest = distributed.on_first_rank(lambda: _record(out_dir, manifest, parts), ranks)
+    elif global_batches:
+        # Rank 0 wrote the files and kept the records: every rank returns after it, with them.
+        manifest = distributed.on_first_rank(lambda: manifest, ranks)
+    return manifest
+
+
+def _write_batch(images, labels, batch, out_dir, inverter, save_png, class_names,
+                 grid_rows: int) -> dict:
+    """Writes a batch's PNGs, its shard and (grid_rows > 0) the preview grid; returns the
+    shard's digest."""
+    if save_png:
+        _save_pngs(images, labels.tolist(), out_dir, batch, inverter, class_names)
+    shard = os.path.join(out_dir, shard_name(batch))
+    atomic_save({"images": images.detach().cpu().half(), "labels": labels}, shard)
+    if grid_rows:
+        save_grid(images, os.path.join(out_dir, "grid.png"), inverter.mean, inverter.std,
+                  nrow=grid_rows, upscale=max(1, 64 // inverter.image_shape[-1]))
+    return file_digest(shard)
+
+
+def _record(out_dir, manifest, parts) -> dict:
+    """The manifest with every rank's finished batches (`parts`: batch -> digest per rank),
+    written; the ranks' progress files, now redundant, removed."""
+    for shards in parts:
+        _merge(manifest, shards)
+    atomic_json(manifest, os.path.join(out_dir, MANIFEST))
+    for record in _progress_records(out_dir):
+        os.remove(record)
     return manifest
 
 

@@ -12,6 +12,12 @@ teacher's on the same augmented batch (`kd_step`), on `dinv.training.Trainer`: S
 per-step cosine learning rate to zero, and with a `checkpoint_dir`, an atomic checkpoint after
 every epoch, metrics.csv / metrics.json there, and `resume=True` continuing to exactly the weights
 of an uninterrupted run (same device and backend; CPU runs are deterministic).
+
+Under torchrun (an initialized default process group) both train the student data-parallel
+(DDP, see `dinv.training`): every rank takes its share of each batch. ADI synthesizes one batch
+per rank at each synthesis step (rank r: batch k·N + r, with that batch's seed), against the
+student as it is then, and every rank adds all of them to its (identical) pool; with an
+Inverter of one global batch (`distributed=True`) the ranks synthesize each batch together.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import os
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from .data import ReplayPool, batch_seed, batch_targets, load_shards
 from .model_utils import frozen, num_outputs
 from .training import TrainOptions, Trainer
@@ -34,11 +40,12 @@ KDOptions = TrainOptions
 
 def kd_step(trainer: Trainer, teacher: nn.Module, images: torch.Tensor) -> None:
     """One distillation step of `trainer`'s model on a batch: both networks see the same
-    augmented images; the loss is T²·KL(teacher ‖ student) at the trainer's temperature."""
-    x = trainer.augment(images)
+    augmented images (this rank's share of them); the loss is T²·KL(teacher ‖ student) at the
+    trainer's temperature."""
+    x = trainer.share(trainer.augment(images))
     with torch.no_grad():
         teacher_logits = teacher(x)
-    loss = ops.kd_loss(trainer.model(x), teacher_logits, trainer.options.T)
+    loss = ops.kd_loss(trainer.network(x), teacher_logits, trainer.options.T)
     trainer.step(loss, len(images))
 
 
@@ -85,7 +92,8 @@ def distill_offline(teacher: nn.Module, student: nn.Module, pool, epochs: int, *
     steps_per_epoch = math.ceil(len(images) / options.batch_size)
     trainer = Trainer(student, options, epochs * steps_per_epoch,
                       {"mode": "di", "epochs": epochs, "pool_size": len(images)}, checkpoint_dir,
-                      eval_data, on_epoch, DISTILL_FIELDS, progress, "distilling")
+                      eval_data, on_epoch, DISTILL_FIELDS, progress, "distilling",
+                      distributed.current())
     trainer.restore(resume)
     images = images.to(trainer.device)
     trainer.begin()
@@ -164,7 +172,7 @@ def distill_adaptive(teacher: nn.Module, student: nn.Module, inverter, images: i
               "initial_pool": 0 if seeded is None else len(seeded),
               "inverter": inverter.settings()}
     trainer = Trainer(student, options, total_steps, config, checkpoint_dir, eval_data, on_epoch,
-                      DISTILL_FIELDS, progress, "distilling (ADI)")
+                      DISTILL_FIELDS, progress, "distilling (ADI)", distributed.current())
     state = trainer.restore(resume)
     pool = ReplayPool(pool_size, state.get("pool"), trainer.device)
     if not state and seeded is not None:
@@ -177,15 +185,35 @@ def distill_adaptive(teacher: nn.Module, student: nn.Module, inverter, images: i
                 for _ in range(steps_per_epoch):
                     step = trainer.step_count
                     if step % synth_every == 0 and pool.synthesized < images:
-                        batch = step // synth_every
-                        targets = batch_targets(classes, images, synth_batch_size, batch)
-                        new = inverter.invert(targets, iterations=iterations, student=student,
-                                              seed=batch_seed(options.seed, batch))
-                        pool.add(new.to(trainer.device),
-                                 torch.tensor(targets, device=trainer.device))
+                        pool.add(*_synthesis_round(inverter, student, classes, images,
+                                                   synth_batch_size, iterations, options.seed,
+                                                   step // synth_every, trainer))
                     kd_step(trainer, teacher, pool.sample(options.batch_size, trainer.generator)[0])
                 trainer.end_epoch({"pool": pool.state()}, images_synthesized=pool.synthesized,
                                   pool_size=len(pool))
     finally:
         trainer.close()
     return trainer.finish()
+
+
+def _synthesis_round(inverter, student, classes, images: int, synth_batch_size: int, iterations,
+                     seed: int, round_index: int, trainer: Trainer):
+    """(images, labels) of a synthesis step's batches, one per rank (rank r: batch
+    round_index·N + r, if the run has it), each against the student as it is now; every rank
+    gets all of them, in batch order. An inverter of one global batch (`distributed=True`)
+    synthesizes batch round_index on all ranks together instead."""
+    # Batch index -> rank: the ranks of a global batch invert each batch together.
+    ranks = distributed.SINGLE if inverter.ranks is not None else trainer.ranks
+    first = round_index * ranks.size
+    targets = [batch_targets(classes, images, synth_batch_size, batch)
+               for batch in range(first, first + ranks.size)]
+    mine = first + ranks.rank
+    if targets[ranks.rank]:
+        new = inverter.invert(targets[ranks.rank], iterations=iterations, student=student,
+                              seed=batch_seed(seed, mine)).to(trainer.device)
+    else:  # the run's last batches went to the lower ranks
+        new = torch.empty((0,) + tuple(inverter.image_shape), dtype=inverter.dtype,
+                          device=trainer.device)
+    new = distributed.gather_rows(new, [len(t) for t in targets], ranks)
+    return new, torch.tensor([label for batch in targets for label in batch],
+                             dtype=torch.long, device=trainer.device)

@@ -112,8 +112,10 @@ class BNStatistics:
         return forward
 
     # -- the loss ------------------------------------------------------------------------------
-    def layer_losses(self) -> torch.Tensor:
-        """[L] fp32 (fp64 for a fp64 teacher): ‖rv_l − var_l‖₂ + ‖rm_l − mean_l‖₂ for each layer of the last forward."""
+    def layer_losses(self, merge=None) -> torch.Tensor:
+        """[L] fp32 (fp64 for a fp64 teacher): ‖rv_l − var_l‖₂ + ‖rm_l − mean_l‖₂ for each layer
+        of the last forward. `merge` (a global batch's `GlobalBatch.merge`) turns this process's
+        statistics, every layer's means then variances in one vector, into the whole batch's."""
         missing = [i for i, s in enumerate(self._stats) if s is None]
         if missing:
             raise RuntimeError(f"BatchNorm layers {missing} did not run in the last forward "
@@ -121,7 +123,10 @@ class BNStatistics:
         acc = self._running.dtype
         means = [s[0].to(acc) for s in self._stats]
         variances = [s[1].to(acc) for s in self._stats]
-        diff = self._running - torch.cat(means + variances)
+        statistics = torch.cat(means + variances)
+        if merge is not None:
+            statistics = merge(statistics)
+        diff = self._running - statistics
         count = len(self.layers)
         squares = diff.new_zeros(2 * count).index_add_(0, self._segment, diff * diff)
         norms = torch.sqrt(squares.clamp_min(NORM_EPS * NORM_EPS))

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import compat, ops
 from .augment import JITTER_MODES, JitterFlip, apply_view, view_indices
+from .distributed import check_shares, global_batch, ranks_for
 from .hooks import BNStatistics
 from .imaging import IMAGENET_MEAN, IMAGENET_STD, pixel_bounds
 from .model_utils import describe_output, frozen, model_device, model_dtype
@@ -159,6 +160,15 @@ class Inverter:
     amp_dtype: torch.bfloat16 / torch.float16 autocast (statistics stay fp32).
     fused_bn / channels_last / compile: speed options (see README "Benchmarks").
     log_every: iterations between the loss log, callbacks and NaN checks.
+    distributed: False, or True (the default process group) / a ProcessGroup: one global batch
+        over the group's ranks (see `dinv.distributed`). Every rank passes the same targets (and
+        seed) to `invert`, optimizes its contiguous share of the batch and gets the whole batch
+        back; the loss, every term and the image gradients are those of one process holding the
+        whole batch. Not with `compile`.
+    sync_stats: with `distributed`, the BatchNorm statistics are the whole batch's (True) or
+        each rank's own share's (False: the reference's multi-GPU behaviour, for comparison).
+    batch_shares: with `distributed`, relative shares of the batch per rank (default equal),
+        e.g. for GPUs of unequal speed.
 
     A float64 teacher is inverted in float64 (float64 images); an fp16/bf16 teacher gets fp32
     images cast to its dtype for each forward.
@@ -179,7 +189,8 @@ class Inverter:
                  detach_student: bool = False, adi_temperature: float = 3.0, criterion=None,
                  output_function=None, amp_dtype: torch.dtype | None = None,
                  fused_bn: bool | None = None, channels_last: bool = False,
-                 compile: bool | str = False, log_every: int = 100, **reference_kwargs):
+                 compile: bool | str = False, log_every: int = 100, distributed=False,
+                 sync_stats: bool = True, batch_shares=None, **reference_kwargs):
         arguments = {name: value for name, value in locals().items() if name in _OPTIONS}
         self.reference = None
         if reference_kwargs:
@@ -204,7 +215,7 @@ class Inverter:
                    tv_l1, tv_l2, l2, lr, main_loss_multiplier, adi_scale, competition,
                    setting_id, jitter, jitter_mode, flip, clip, detach_student, adi_temperature,
                    criterion, output_function, amp_dtype, fused_bn, channels_last, compile,
-                   log_every):
+                   log_every, distributed, sync_stats, batch_shares):
         if teacher is None:
             raise TypeError("Inverter needs a teacher model")
         if not isinstance(teacher, nn.Module):
@@ -278,8 +289,24 @@ class Inverter:
         self._compiled = {}
         self.objective = Objective(self.coefficients, self.criterion, self.competition,
                                    self.adi_temperature, self.detach_student, self.dtype)
+        self._configure_distributed(distributed, sync_stats, batch_shares)
         self.log = LossLog()
         self._closed = False
+
+    def _configure_distributed(self, distributed, sync_stats, batch_shares) -> None:
+        if not isinstance(sync_stats, bool):
+            raise TypeError(f"sync_stats must be True or False, got {sync_stats!r}")
+        # Ranks of the global batch (None: one process); validated here, not at invert time.
+        self.ranks = ranks_for(distributed)
+        if self.ranks is None and (not sync_stats or batch_shares is not None):
+            raise ValueError("sync_stats and batch_shares apply to a global batch: pass "
+                             "distributed=True (or a process group) too")
+        if self.ranks is not None and self.compile_mode:
+            raise ValueError("compile with distributed: the collectives of a global batch are "
+                             "not traced; use compile=False")
+        self.sync_stats = sync_stats
+        self.batch_shares = None if batch_shares is None else \
+            check_shares(batch_shares, self.ranks.size)
 
     def settings(self) -> dict:
         """Everything that decides the images besides the teacher's weights, the targets and
@@ -294,7 +321,15 @@ class Inverter:
                 "output_function": _describe_callable(self.output_function),
                 "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype),
                 "teacher_dtype": str(self.teacher_dtype), "fused_bn": self.fused_bn,
-                "channels_last": self.channels_last, "compile": self.compile_mode}
+                "channels_last": self.channels_last, "compile": self.compile_mode,
+                **self._distributed_settings()}
+
+    def _distributed_settings(self) -> dict:
+        # Absent for one process, so that the manifests of single-process runs stay as they were.
+        if self.ranks is None:
+            return {}
+        return {"global_batch": {"ranks": self.ranks.size, "sync_stats": self.sync_stats,
+                                 "batch_shares": self.batch_shares}}
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -372,6 +407,10 @@ class Inverter:
         init: starting images (default: standard normal noise).
         callback(iteration, images, terms): called every `log_every` iterations.
         progress: a progress bar over the iterations.
+
+        With `distributed`, `targets`, `seed` and `init` are the whole batch's (the same on every
+        rank), the result is the whole batch, and `callback` gets this rank's share of it with
+        the whole batch's terms; the bar is rank 0's.
         """
         if self._closed:
             raise RuntimeError("this Inverter was closed")
@@ -384,6 +423,9 @@ class Inverter:
             raise ValueError("adi_scale > 0 needs a student (invert(..., student=model))")
         for factor in sorted({factor for factor, _ in stages}):
             self._probe(targets, student if c.adi_scale else None, factor)
+        batch = None
+        if self.ranks is not None:
+            batch, seed = global_batch(self.ranks, targets, seed, self.batch_shares)
         shape = (targets.numel(),) + self.image_shape
         generator = None
         if seed is not None:
@@ -396,14 +438,18 @@ class Inverter:
             images = init.detach().to(self.device, self.dtype).clone()
         else:
             images = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
-        images.requires_grad_(True)
         if augment_seed is None:
             augment_seed = int(torch.randint(0, 2**62, (1,), generator=generator,
                                              device=self.device).item())
+        if batch is not None:
+            # The start noise and the jitter/flip draws are the whole batch's, as in one process.
+            images, targets = batch.local(images).clone(), batch.local(targets)
+            shape = tuple(images.shape)
+        images.requires_grad_(True)
         lo, hi = (b.to(self.dtype) for b in pixel_bounds(self.mean, self.std, self.device))
         total = sum(n for _, n in stages)
         betas = SETTINGS[self.setting_id][1]
-        bar = _progress(total, progress)
+        bar = _progress(total, progress and (self.ranks is None or self.ranks.first))
         scaler = torch.amp.GradScaler(self.device.type,
                                       enabled=self.amp_dtype == torch.float16)
         jitter = JitterFlip(0, self.flip, augment_seed)
@@ -429,8 +475,8 @@ class Inverter:
                         dy, dx, flip = jitter.draw()
                         view = view_indices(shape[2] // factor, shape[3] // factor, dy, dx, flip,
                                             self.jitter_mode, self.device)
-                        loss, per_image, terms = self._loss_fn(factor)(images, view, lo, targets,
-                                                                       student)
+                        loss, per_image, terms = self._loss_fn(factor, batch)(images, view, lo,
+                                                                              targets, student)
                         improved = per_image < best_cost
                         best_cost = torch.where(improved, per_image, best_cost)
                         best = torch.where(improved.view(-1, 1, 1, 1), images.detach(), best)
@@ -445,8 +491,11 @@ class Inverter:
                             with torch.no_grad():
                                 torch.maximum(torch.minimum(images, hi), lo, out=images)
                         if iteration % self.log_every == 0 or iteration == total:
-                            if first_bad.item():
-                                raise InversionDiverged(int(first_bad.item()), best.clone())
+                            diverged = int(first_bad.item()) if batch is None else \
+                                batch.first_nonzero(first_bad)
+                            if diverged:
+                                raise InversionDiverged(diverged, best.clone() if batch is None
+                                                        else batch.gather(best))
                             values = {k: float(v) for k, v in terms.items()}
                             self.log.add(iteration, values)
                             if bar is not None:
@@ -458,7 +507,7 @@ class Inverter:
         finally:
             if bar is not None:
                 bar.close()
-        return best
+        return best if batch is None else batch.gather(best)
 
     def _probe(self, targets, student, factor: int) -> None:
         """One forward of blank images at a stage's resolution before optimizing, to fail early
@@ -493,27 +542,29 @@ class Inverter:
             raise ValueError(f"targets go up to {targets.max().item()} but the teacher has "
                              f"{logits.shape[1]} outputs")
 
-    def _loss_fn(self, factor: int):
+    def _loss_fn(self, factor: int, batch=None):
         if not self.compile_mode:
-            return functools.partial(self._loss, factor=factor)
+            return functools.partial(self._loss, factor=factor, batch=batch)
         if factor not in self._compiled:
             mode = None if self.compile_mode is True else self.compile_mode
             self._compiled[factor] = torch.compile(functools.partial(self._loss, factor=factor),
                                                    mode=mode)
         return self._compiled[factor]
 
-    def _loss(self, images, view, background, targets, student, factor):
+    def _loss(self, images, view, background, targets, student, factor, batch=None):
         """The DeepInversion objective of one jittered view; returns (loss, per-image cost for
-        keeping the best images, detached terms for logging)."""
+        keeping the best images, detached terms for logging). `batch`: the GlobalBatch that
+        `images` are this rank's share of."""
         x = F.avg_pool2d(images, factor) if factor > 1 else images
         x = apply_view(x, view, background)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             logits = self._logits(self.teacher, x)
-            layer_losses = self.statistics.layer_losses()
+            layer_losses = self.statistics.layer_losses(
+                batch.merge if batch is not None and self.sync_stats else None)
             student_logits = self._logits(student, x) if self.coefficients.adi_scale else None
-        return self.objective(x, logits, layer_losses, targets, student_logits)
+        return self.objective(x, logits, layer_losses, targets, student_logits, batch)
 
     # -- the reference's API ------------------------------------------------------------------
     def generate_batch(self, net_student=None, targets=None, seed: int | None = None):
@@ -531,7 +582,8 @@ class Inverter:
         images = self.invert(targets, iterations=output.iterations, student=net_student,
                              seed=output.num_generations if seed is None else seed,
                              callback=output.progress_callback(targets, self.mean, self.std))
-        if output.store_best_images:
+        # A global batch comes back whole on every rank: one of them writes it.
+        if output.store_best_images and (self.ranks is None or self.ranks.first):
             output.store(images, targets, self.mean, self.std)
         output.num_generations += 1
         return images

@@ -7,6 +7,11 @@ per-epoch metrics, a progress bar, and an atomic checkpoint of all of it after e
 which an interrupted run resumes to exactly the weights of an uninterrupted one (same device and
 backend; CPU runs are deterministic). What a step computes is the caller's: it hands the loss to
 `Trainer.step`.
+
+Data-parallel (DDP) over several ranks: every rank draws the same batches and augmentations
+(one generator, one seed), computes its share of each batch (`Trainer.share`) through
+`Trainer.network`, and `step` weights its loss so that the averaged gradient is the whole
+batch's; rank 0 writes the checkpoints and metrics, and every rank holds the same model.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .augment import random_flip, random_translate
 from .files import atomic_save, describe_difference, load_tensors, write_metrics
 from .model_utils import model_device
@@ -98,14 +104,19 @@ class Trainer:
     on_epoch(row): called after each epoch's checkpoint (raising in it stops the run resumably).
     fields: the run's own metric columns, after BASE_FIELDS.
     progress: a progress bar over the steps.
+    ranks: `dinv.distributed.Ranks` to train data-parallel over (default: this process alone).
     """
 
     def __init__(self, model: nn.Module, options: TrainOptions, total_steps: int, config: dict,
                  checkpoint_dir=None, eval_data=None, on_epoch=None, fields=(),
-                 progress: bool = False, description: str = "training"):
+                 progress: bool = False, description: str = "training", ranks=None):
         if total_steps < 1:
             raise ValueError("nothing to train: need epochs >= 1 and at least one image")
         self.model, self.options = model, options
+        self.ranks = ranks or distributed.SINGLE
+        # What computes the loss: the model, or its DDP wrapper (which averages the gradients).
+        self.network = model if self.ranks.size == 1 else \
+            distributed.data_parallel(model, self.ranks)
         self.device = model_device(model)
         self.optimizer = make_optimizer(model, options)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps)
@@ -124,7 +135,7 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._epoch_steps = 0
         self._epoch_start = time.perf_counter()
-        self._progress = progress
+        self._progress = progress and self.ranks.first
         self._description = description
         self._bar = None
 
@@ -142,8 +153,18 @@ class Trainer:
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         return augment_batch(images, self.options, self.generator)
 
+    def share(self, images: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a batch (the whole batch on one process)."""
+        if self.ranks.size == 1:
+            return images
+        start, count, _ = distributed.training_share(len(images), self.ranks)
+        return images[start:start + count]
+
     def step(self, loss: torch.Tensor, batch_size: int) -> None:
-        """One optimizer step on `loss` (a scalar computed by the caller from `batch_size` images)."""
+        """One optimizer step on `loss`: a scalar computed by the caller from `batch_size`
+        images (several ranks: the mean over this rank's `share` of them)."""
+        if self.ranks.size > 1:
+            loss = loss * distributed.training_share(batch_size, self.ranks)[2]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -161,14 +182,16 @@ class Trainer:
         calls `on_epoch(row)`; returns the row."""
         self.epoch += 1
         self.seconds += time.perf_counter() - self._epoch_start
+        distributed.broadcast_buffers(self.model, self.ranks)
+        loss_sum = distributed.mean_across_ranks(self._loss_sum, self.ranks)
         record = {"epoch": self.epoch, "step": self.step_count, "images_seen": self.images_seen,
-                  "train_loss": (self._loss_sum / max(self._epoch_steps, 1)).item(),
+                  "train_loss": (loss_sum / max(self._epoch_steps, 1)).item(),
                   "val_acc": None if self.eval_data is None else accuracy(self.model,
                                                                           *self.eval_data),
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(self.seconds, 3),
                   **row}
         self.metrics.append(record)
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and self.ranks.first:
             self._save(extra_state or {})
         self._loss_sum.zero_()
         self._epoch_steps = 0

@@ -265,3 +265,33 @@ def test_ops_bench_main_writes_its_table(tmp_path):
     assert data["meta"]["copy_gb_per_s"] > 0
     assert len(data["results"]) == len(results) >= 2
     assert any("%BW" in line for line in lines)
+
+
+def test_distributed_rows_run_and_report_scaling():
+    """Two rows of `throughput.py --distributed` on the tiny workload (one process; one global
+    batch over 2 processes): each is timed in its own group and reports its rate and scaling
+    efficiency."""
+    workload = throughput.workloads("cpu", quick=True)["tiny"]
+    rows = [harness.DistributedRow("1 process", "single", 1, 1, 4),
+            harness.DistributedRow("2 processes, one global batch", "global", 2, 1, 4)]
+    results = harness.bench_distributed(workload, {"fused_bn": True}, rows, 1, 2, "cpu",
+                                        log=lambda *a: None)
+    assert [r["processes"] for r in results] == [1, 2]
+    assert results[0]["scaling_efficiency"] == 1.0
+    for r in results:
+        assert r["s_per_it"] > 0 and r["img_it_per_s"] > 0 and r["scaling_efficiency"] > 0
+        assert len(r["rank_s_per_it"]) == r["processes"]
+    assert [row.mode for row in harness.distributed_rows([2], 4, "cpu")] == \
+        ["single", "single", "independent", "global", "global"]
+    with pytest.raises(SystemExit, match="one eager dinv configuration"):
+        throughput.main(["--distributed", "--configs", "compile"], log=lambda *a: None)
+
+
+@pytest.mark.slow
+def test_throughput_distributed_smoke(tmp_path):
+    """`throughput.py --distributed` end to end: every row, written to CSV/JSON."""
+    results, paths = throughput.main(
+        ["--distributed", "--device", "cpu", "--workloads", "tiny", "--rounds", "1", "--iters",
+         "1", "--out", str(tmp_path), "--name", "smoke"], log=lambda *a: None)
+    assert len(results) == 5 and all(r["img_it_per_s"] > 0 for r in results)
+    assert json.loads(paths["json"].read_text())["results"][0]["mode"] == "single"

@@ -3,6 +3,7 @@ and inversion options (declared once), and building the teacher and the Inverter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 
 import torch
@@ -67,6 +68,19 @@ def image_shape(text: str) -> tuple:
     if len(values) != 3 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected C,H,W (three positive integers), got {text!r}")
     return tuple(values)
+
+
+# -- the processes --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def torchrun_ranks(args):
+    """For the command's length: under `torchrun`, this process in the default process group
+    (gloo on CPU, NCCL on GPU; `--device cuda` becomes this process's cuda:LOCAL_RANK). Yields
+    the Ranks (one process without torchrun); rank 0 is the one that prints."""
+    from ..distributed import current, torchrun_session
+
+    with torchrun_session(args.device) as device:
+        args.device = device
+        yield current()
 
 
 # -- the teacher --------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """`dinv distill`: data-free knowledge distillation, DI (synthesize a pool, then distill) or ADI
-(synthesize while distilling); resumable with `--resume`."""
+(synthesize while distilling); resumable with `--resume`. Under `torchrun --nproc-per-node N -m
+dinv distill ...` the processes share the synthesis and train the student data-parallel (DDP);
+rank 0 prints and writes the student."""
 from __future__ import annotations
 
 import os
@@ -8,7 +10,7 @@ import torch
 
 from .common import (UsageError, add_inversion_options, add_teacher_options, inverter_from_args,
                      nonnegative_float, nonnegative_int, positive_float, positive_int,
-                     teacher_from_args)
+                     teacher_from_args, torchrun_ranks)
 
 # ADI's competition weight for the CLI. On digits it raised the teacher-student JS divergence of a
 # batch from 0.2 (DI) to 0.6 while the teacher still classified every image as its target; the
@@ -88,6 +90,11 @@ def _print_row(row: dict) -> None:
 
 def run(args) -> list:
     """Runs `dinv distill`; returns the metrics."""
+    with torchrun_ranks(args) as ranks:
+        return _distill(args, report=ranks.first)
+
+
+def _distill(args, report: bool) -> list:
     from ..data import synthesize_dataset
     from ..distill import check_adaptive_schedule, distill_adaptive, distill_offline
     from ..model_utils import num_outputs
@@ -107,9 +114,9 @@ def run(args) -> list:
     eval_data = eval_data_from_args(args)
     classes = list(range(num_outputs(teacher, inverter.image_shape)))
     common = dict(checkpoint_dir=args.out, resume=args.resume, eval_data=eval_data,
-                  on_epoch=_print_row, batch_size=args.kd_batch_size, lr=args.kd_lr,
-                  optimizer=args.optimizer, weight_decay=args.weight_decay, T=args.temperature,
-                  augment=args.augment, flip=args.kd_flip, seed=args.seed)
+                  on_epoch=_print_row if report else None, batch_size=args.kd_batch_size,
+                  lr=args.kd_lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                  T=args.temperature, augment=args.augment, flip=args.kd_flip, seed=args.seed)
     checkpoint = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(checkpoint) and not args.resume:
         raise FileExistsError(f"{checkpoint} exists: add --resume to continue that run, or use "
@@ -126,6 +133,8 @@ def run(args) -> list:
                                    synth_every=args.synth_every,
                                    synth_batch_size=args.batch_size, iterations=iterations,
                                    pool_size=args.pool_size, classes=classes, **common)
+    if not report:
+        return metrics
     path = os.path.join(args.out, "student.pt")
     torch.save(student.state_dict(), path)
     # Nothing after the student is saved may fail the run.

@@ -1,11 +1,13 @@
-"""`dinv invert`: synthesize a dataset from a teacher (resumable: run it again to continue)."""
+"""`dinv invert`: synthesize a dataset from a teacher (resumable: run it again to continue).
+Under `torchrun --nproc-per-node N -m dinv invert ...` the N processes share the batches and
+write the dataset one process would."""
 from __future__ import annotations
 
 import os
 import time
 
 from .common import (UsageError, add_inversion_options, add_teacher_options, ints,
-                     inverter_from_args, positive_int, teacher_from_args)
+                     inverter_from_args, positive_int, teacher_from_args, torchrun_ranks)
 
 
 def add_parser(subparsers) -> None:
@@ -23,6 +25,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> None:
+    with torchrun_ranks(args) as ranks:
+        manifest, seconds = _synthesize(args)
+        if ranks.first:
+            print(f"{len(manifest['completed'])} batches in {args.out} ({seconds:.0f} s); "
+                  f"grid: {os.path.join(args.out, 'grid.png')}")
+
+
+def _synthesize(args):
     from ..data import synthesize_dataset
     from ..model_utils import num_outputs
 
@@ -37,5 +47,4 @@ def run(args) -> None:
                                   batch_size=args.batch_size, iterations=iterations,
                                   seed=args.seed, save_png=not args.no_png, progress=True,
                                   overwrite=args.overwrite)
-    print(f"{len(manifest['completed'])} batches in {args.out} ({time.time() - start:.0f} s); "
-          f"grid: {os.path.join(args.out, 'grid.png')}")
+    return manifest, time.time() - start
