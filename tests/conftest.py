@@ -21,3 +21,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The models of the application tests are tiny (16x16 digits, a few ResNet images): a
+    second intra-op thread gains little, and with anything else running on a 2-core machine it
+    made those tests 3x slower (OpenMP threads waiting on each other; measured at load 2-5:
+    367 s against 114 s). Modules opt in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """The shipped digits teacher (99.3 % on the real test digits)."""
+    from dinv import models
+
+    return models.load_digits_teacher()
+
+
+@pytest.fixture(scope="module")
+def test_digits():
+    """The real held-out digits (450 images)."""
+    from dinv.datasets import load_digits
+
+    return load_digits("test")

@@ -9,51 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinv import Inverter, models, ops
-from dinv.datasets import load_digits
+from dinv import ops
 from dinv.data import load_shards, synthesize_dataset
 from dinv.distill import distill_adaptive, distill_offline
 from dinv.training import METRICS_CSV, METRICS_JSON
-from dinv.presets import digits_settings
+
+from .digits import make_inverter, make_student, noise
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny (16x16 digits, a few ResNet images): a second intra-op thread
-    gains little, and with anything else running on a 2-core machine it made these tests 3x
-    slower (OpenMP threads waiting on each other; measured at load 2-5: 367 s against 114 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return models.load_digits_teacher()
-
-
-@pytest.fixture(scope="module")
-def test_digits():
-    return load_digits("test")
-
-
-def make_inverter(teacher, **overrides) -> Inverter:
-    settings = digits_settings()
-    settings.pop("iterations")
-    return Inverter(teacher, **{**settings, **overrides})
-
-
-def make_student(seed: int = 0):
-    torch.manual_seed(seed)
-    return models.create("digits_student")
-
-
-def noise(count: int, seed: int = 0) -> torch.Tensor:
-    """Standard normal images: where inversion starts, and the paper's baseline."""
-    return torch.randn((count, 1, 16, 16), generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_weights(a, b):

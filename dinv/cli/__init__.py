@@ -1,4 +1,4 @@
-"""The `dinv` command: `dinv info`, `dinv demo`, `dinv invert`, `dinv distill`.
+"""The `dinv` command: `dinv info`, `dinv demo`, `dinv invert`, `dinv distill`, `dinv prune`.
 
 Every subcommand is a module here with `add_parser(subparsers)` and `run(args)`. Errors are one
 line on stderr: exit status 2 for bad arguments (before any work), 1 for a failure while running
@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
-from . import demo, distill, info, invert
+from . import demo, distill, info, invert, prune
 from .common import Parser, UsageError
 
-SUBCOMMANDS = (info, demo, invert, distill)
+SUBCOMMANDS = (info, demo, invert, distill, prune)
 
 
 def build_parser() -> Parser:
