@@ -402,3 +402,44 @@ def test_fuzz_invert_gives_finite_images_or_a_clear_error():
         outcomes["images"] += 1
     # Both kinds of outcome are exercised in earnest.
     assert outcomes["images"] > 250 and outcomes["error"] > 100, outcomes
+
+
+class _TupleOutput(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x), x.mean()
+
+
+def test_clear_errors_for_bad_values_before_any_work():
+    net = tiny_net()
+    for kwargs, error, match in (
+            (dict(std=(0.2, 0.0, 0.2)), ValueError, "std > 0"),
+            (dict(std=(0.2, -1.0, 0.2)), ValueError, "std > 0"),
+            (dict(lr=float("inf")), ValueError, "lr"),
+            (dict(image_shape=(3, -8, 8)), ValueError, "positive integers"),
+            (dict(jitter=-1), ValueError, "jitter"),
+            (dict(competition="kl"), ValueError, "competition")):
+        with pytest.raises(error, match=match):
+            dinv.Inverter(net, **{"image_shape": (3, 8, 8), **kwargs})
+    inv = dinv.Inverter(net, image_shape=(3, 8, 8), setting_id=1)
+    for targets, error, match in (([0.0, 1.0], TypeError, "integer class indices"),
+                                  ([True, False], TypeError, "integer class indices"),
+                                  ([[0, 1], [2, 3]], ValueError, "1-D"),
+                                  (None, TypeError, "None")):
+        with pytest.raises(error, match=match):
+            inv.invert(targets, iterations=1)
+    for iterations, error, match in (([0], ValueError, "nothing to optimize"),
+                                     (2.0, TypeError, "integer"), (0, ValueError, ">= 1")):
+        with pytest.raises(error, match=match):
+            inv.invert([0], iterations=iterations)
+    assert inv.invert([0], iterations=np.int64(1)).shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="too small"):
+        dinv.Inverter(net, image_shape=(3, 1, 1), setting_id=0).invert([0], iterations=4)
+    with pytest.raises(ValueError, match="output_function"):
+        dinv.Inverter(_TupleOutput(net), image_shape=(3, 8, 8)).invert([0], iterations=1)
+    images = dinv.Inverter(_TupleOutput(net), image_shape=(3, 8, 8),
+                           output_function=lambda out: out[0]).invert([0], iterations=1)
+    assert torch.isfinite(images).all()
