@@ -1,7 +1,9 @@
 """`dinv demo`: DeepInversion end to end on scikit-learn's bundled digits, no downloads.
 
 The shipped teacher (a small BN CNN trained on the real digits) is inverted into `per_class`
-images of each digit; the demo saves them (shards, PNGs per class, grid.png) and reports how the
+images of each digit, with settings chosen for images a person recognizes
+(`dinv.presets.DIGITS_PREVIEW`; `dinv invert` / `dinv distill` use `DIGITS`, which teaches
+better students); the demo saves them (shards, PNGs per class, grid.png) and reports how the
 teacher classifies them and how far their BatchNorm statistics are from noise's."""
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ import torch
 from .data import load_shards, synthesize_dataset
 from .inverter import Inverter
 from .models import load_digits_teacher
-from .presets import digits_settings
+from .presets import DIGITS_PREVIEW
 
 
 def run_demo(out_dir: str = "dinv-demo", per_class: int = 20, iterations: int | None = None,
              seed: int = 0, batch_size: int = 100, progress: bool = True) -> dict:
     teacher = load_digits_teacher()
-    settings = digits_settings()
+    settings = dict(DIGITS_PREVIEW)
     default_iterations = settings.pop("iterations")
     with Inverter(teacher, **settings) as inverter:
         start = time.time()
